@@ -1,0 +1,579 @@
+"""Typed configuration: nested dataclasses used as OmegaConf structured configs.
+
+The dataclasses below are the schema; YAML files nest exactly like them. ``load_config`` is the one way in:
+dataclass defaults, then a YAML file, then ``key=value`` overrides, then validation. Only the typed ``Config``
+object travels past the CLI; nothing else in the library sees a raw ``DictConfig``.
+
+Every user mistake becomes a :class:`~covspec.errors.ConfigError` whose message names the dotted key, e.g.
+``pruning.keep_ratio must be in (0, 1], got 1.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from covspec.errors import ConfigError
+
+__all__ = [
+    "BENCHMARKS",
+    "DRAFT_POLICIES",
+    "DTYPES",
+    "METHODS",
+    "PRUNING_METHODS",
+    "SPLITS",
+    "BranchingConfig",
+    "Config",
+    "DataConfig",
+    "DraftingConfig",
+    "GenerationConfig",
+    "LinkConfig",
+    "ModelConfig",
+    "ModelsConfig",
+    "PruningConfig",
+    "ScoreWeights",
+    "TrackingConfig",
+    "VerificationConfig",
+    "config_to_dict",
+    "config_to_yaml",
+    "flatten",
+    "load_config",
+]
+
+# Allowed values of the enum-like string fields. Other modules may import these (e.g. to build registries).
+METHODS = ("target_only", "draft_only", "vanilla_sd", "dssd", "covspec")
+DTYPES = ("float32", "float16", "bfloat16")
+BENCHMARKS = ("shapes",)  # vqav2, mmbench, mmmu join here once their loaders exist
+SPLITS = ("train", "val", "test")
+PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
+DRAFT_POLICIES = ("fixed", "adaptive")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+_MAX_SEED = 2**32 - 1  # the range every RNG we seed (random, numpy, torch) accepts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation helpers: each raises ConfigError("<dotted key> must be ..., got <value>").
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"{'<' if high_open else '<='} {high}"
+
+
+def _check_number(
+    key: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Checks that ``value`` is a finite number (an int if ``integer``) within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{key} must be {_interval(low, high, low_open, high_open)}, got {value!r}")
+
+
+def _check_int(key: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    _check_number(key, value, low, high, integer=True)
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_text(key: str, value: Any, *, optional: bool = False) -> None:
+    """Checks for a non-empty string (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+class _Section:
+    """Mixin: ``validate`` checks this section's own fields, then recurses into nested sections."""
+
+    def validate(self, prefix: str = "") -> None:
+        """Raises ConfigError naming the first invalid key; ``prefix`` is this section's dotted path."""
+        self._check(prefix)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value.validate(_join(prefix, f.name))
+
+    def _check(self, prefix: str) -> None:
+        """Checks this section's own fields (not nested sections); sections without rules keep this no-op."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema. The keys are public: other modules, YAML files and Tune search spaces rely on them exactly.
+
+
+@dataclass
+class ModelConfig(_Section):
+    """One VLM of the pair."""
+
+    path: str = "toy-target"
+    """Checkpoint directory, builtin name (``toy-target``/``toy-draft``) or Hugging Face hub id."""
+    dtype: str = "float32"
+    """Weight and activation dtype: one of ``DTYPES``."""
+    device: str = "cpu"
+    """Torch device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+
+    def _check(self, prefix: str) -> None:
+        _check_text(_join(prefix, "path"), self.path)
+        _check_choice(_join(prefix, "dtype"), self.dtype, DTYPES)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"{_join(prefix, 'device')} must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class ModelsConfig(_Section):
+    """The draft (device) and target (edge) VLMs."""
+
+    target: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy-target"))
+    """The large VLM on the edge server; it verifies."""
+    draft: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy-draft"))
+    """The small VLM on each device; it drafts."""
+
+
+@dataclass
+class DataConfig(_Section):
+    """Which benchmark samples to run."""
+
+    benchmark: str = "shapes"
+    """Benchmark name: one of ``BENCHMARKS``."""
+    split: str = "test"
+    """Benchmark split: ``train``, ``val`` or ``test``."""
+    limit: int = 20
+    """Number of samples to run (>= 1)."""
+    offset: int = 0
+    """Index of the first sample (>= 0)."""
+    path: str | None = None
+    """Local data directory or file for real benchmarks; None for the synthetic one."""
+
+    def _check(self, prefix: str) -> None:
+        _check_choice(_join(prefix, "benchmark"), self.benchmark, BENCHMARKS)
+        _check_choice(_join(prefix, "split"), self.split, SPLITS)
+        _check_int(_join(prefix, "limit"), self.limit, 1)
+        _check_int(_join(prefix, "offset"), self.offset, 0)
+        _check_text(_join(prefix, "path"), self.path, optional=True)
+
+
+@dataclass
+class GenerationConfig(_Section):
+    """Sampling parameters shared by every method (the target's distribution p is defined by them)."""
+
+    max_new_tokens: int = 48
+    """Generation stops after this many tokens (1..4096) or at EOS."""
+    temperature: float = 0.0
+    """0 means greedy decoding; > 0 means sampling, verified by speculative sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1.0 disables it."""
+
+    def _check(self, prefix: str) -> None:
+        _check_int(_join(prefix, "max_new_tokens"), self.max_new_tokens, 1, 4096)
+        _check_number(_join(prefix, "temperature"), self.temperature, 0)
+        _check_number(_join(prefix, "top_p"), self.top_p, 0, 1, low_open=True)
+
+
+@dataclass
+class ScoreWeights(_Section):
+    """Weights of the three visual-token scores in the joint pruning score."""
+
+    relevance: float = 1.0
+    """Query relevance: how much the question attends to / resembles the token."""
+    activity: float = 0.5
+    """Token activity: how strongly the token is activated or attended overall."""
+    lowrank: float = 0.5
+    """Low-rank dependency: how much of the token the other tokens do not explain."""
+
+    def _check(self, prefix: str) -> None:
+        for name in ("relevance", "activity", "lowrank"):
+            _check_number(_join(prefix, name), getattr(self, name), 0)
+        if self.relevance == self.activity == self.lowrank == 0:
+            raise ConfigError(f"{prefix or 'weights'} must not all be zero")
+
+
+@dataclass
+class PruningConfig(_Section):
+    """Training-free visual token pruning before the draft's prefill."""
+
+    method: str = "none"
+    """Pruner: one of ``PRUNING_METHODS`` (``joint`` is CoVSpec's; the others are baselines)."""
+    keep_ratio: float = 1.0
+    """Fraction of visual tokens kept, in (0, 1]."""
+    weights: ScoreWeights = field(default_factory=ScoreWeights)
+    """Score weights for the ``joint`` pruner."""
+    prune_target: bool = False
+    """Also prune the target's visual tokens (an ablation; output is then no longer target-exact)."""
+
+    def _check(self, prefix: str) -> None:
+        _check_choice(_join(prefix, "method"), self.method, PRUNING_METHODS)
+        _check_number(_join(prefix, "keep_ratio"), self.keep_ratio, 0, 1, low_open=True)
+        _check_bool(_join(prefix, "prune_target"), self.prune_target)
+
+
+@dataclass
+class DraftingConfig(_Section):
+    """How many tokens the device drafts per verification round."""
+
+    policy: str = "fixed"
+    """``fixed``: always ``gamma`` tokens; ``adaptive``: confidence stop + cost-model controller."""
+    gamma: int = 5
+    """Draft length of the fixed policy, and the adaptive policy's starting length (1..64)."""
+    gamma_min: int = 1
+    """Shortest block the adaptive policy drafts (1..64, <= gamma_max)."""
+    gamma_max: int = 12
+    """Longest block the adaptive policy drafts (1..64)."""
+    threshold: float = 0.4
+    """Adaptive policy: stop drafting when the draft's top probability falls below this, in [0, 1]."""
+
+    def _check(self, prefix: str) -> None:
+        _check_choice(_join(prefix, "policy"), self.policy, DRAFT_POLICIES)
+        for name in ("gamma", "gamma_min", "gamma_max"):
+            _check_int(_join(prefix, name), getattr(self, name), 1, 64)
+        if self.gamma_min > self.gamma_max:
+            raise ConfigError(
+                f"{_join(prefix, 'gamma_min')} must be <= {_join(prefix, 'gamma_max')}, "
+                f"got {self.gamma_min} > {self.gamma_max}"
+            )
+        _check_number(_join(prefix, "threshold"), self.threshold, 0, 1)
+
+
+@dataclass
+class BranchingConfig(_Section):
+    """Parallel branching: drafting continues while a block is being verified."""
+
+    budget: int = 0
+    """Alternative branches drafted at the least confident positions per round (0: none, >= 0)."""
+
+    def _check(self, prefix: str) -> None:
+        _check_int(_join(prefix, "budget"), self.budget, 0)
+
+
+@dataclass
+class VerificationConfig(_Section):
+    """Edge-side verification and candidate-based correction."""
+
+    num_candidates: int = 4
+    """m: candidates drawn from p sent back at a rejected position (1..256)."""
+    approximate_topk: bool = False
+    """Send the top-m tokens of p instead of samples (approximate; not lossless)."""
+
+    def _check(self, prefix: str) -> None:
+        _check_int(_join(prefix, "num_candidates"), self.num_candidates, 1, 256)
+        _check_bool(_join(prefix, "approximate_topk"), self.approximate_topk)
+
+
+@dataclass
+class LinkConfig(_Section):
+    """Emulated device-edge network link (per device) and device compute speed."""
+
+    rtt_ms: float = 20.0
+    """Round-trip time in milliseconds (>= 0)."""
+    jitter_ms: float = 0.0
+    """Standard deviation of the one-way delay in milliseconds (>= 0)."""
+    up_mbps: float = 20.0
+    """Device-to-edge bandwidth in Mbit/s (> 0)."""
+    down_mbps: float = 50.0
+    """Edge-to-device bandwidth in Mbit/s (> 0)."""
+    loss: float = 0.0
+    """Probability that a message is lost and must be resent, in [0, 1)."""
+    compute_slowdown: float = 1.0
+    """Factor by which the device's compute is slowed to emulate a phone (>= 1)."""
+
+    def _check(self, prefix: str) -> None:
+        _check_number(_join(prefix, "rtt_ms"), self.rtt_ms, 0)
+        _check_number(_join(prefix, "jitter_ms"), self.jitter_ms, 0)
+        _check_number(_join(prefix, "up_mbps"), self.up_mbps, 0, low_open=True)
+        _check_number(_join(prefix, "down_mbps"), self.down_mbps, 0, low_open=True)
+        _check_number(_join(prefix, "loss"), self.loss, 0, 1, high_open=True)
+        _check_number(_join(prefix, "compute_slowdown"), self.compute_slowdown, 1)
+
+
+@dataclass
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    enabled: bool = False
+    """Log runs to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; None means ``sqlite:///<repo-or-cwd>/mlruns/mlflow.db`` (decided by tracking)."""
+    experiment: str = "covspec"
+    """MLflow experiment name."""
+
+    def _check(self, prefix: str) -> None:
+        _check_bool(_join(prefix, "enabled"), self.enabled)
+        _check_text(_join(prefix, "uri"), self.uri, optional=True)
+        _check_text(_join(prefix, "experiment"), self.experiment)
+
+
+@dataclass
+class Config(_Section):
+    """A whole experiment. YAML files nest exactly like this class."""
+
+    seed: int = 0
+    """Seed for every random number generator (0..2**32-1)."""
+    method: str = "covspec"
+    """Decoding method of single-method commands (e.g. ``covspec generate``): one of ``METHODS``."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods that ``covspec bench`` / ``covspec run`` compare, in order; each one of ``METHODS``."""
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    """The draft and target VLMs."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Benchmark samples."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling parameters."""
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Visual token pruning on the device."""
+    drafting: DraftingConfig = field(default_factory=DraftingConfig)
+    """Draft length policy."""
+    branching: BranchingConfig = field(default_factory=BranchingConfig)
+    """Parallel branching."""
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    """Verification and correction."""
+    link: LinkConfig = field(default_factory=LinkConfig)
+    """Emulated device-edge link."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+    threads: int = 2
+    """Torch intra-op threads per process (>= 1)."""
+    output: str | None = None
+    """Path of the per-sample results JSONL; None: do not write one."""
+
+    def _check(self, prefix: str) -> None:
+        _check_int(_join(prefix, "seed"), self.seed, 0, _MAX_SEED)
+        _check_choice(_join(prefix, "method"), self.method, METHODS)
+        key = _join(prefix, "methods")
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ConfigError(f"{key} must be a non-empty list, got {self.methods!r}")
+        for i, method in enumerate(self.methods):
+            _check_choice(f"{key}[{i}]", method, METHODS)
+            if method in self.methods[:i]:
+                raise ConfigError(f"{key} lists {method!r} twice")
+        _check_int(_join(prefix, "threads"), self.threads, 1)
+        _check_text(_join(prefix, "output"), self.output, optional=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _YamlLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" keys may be overridden, by design
+            continue
+        key = loader.construct_object(key_node)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _read_yaml(path: Path) -> dict:
+    """Reads a config file into a plain dict; an empty file is an empty config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = _parse_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> dict:
+    """``"a.b=[1, 2]"`` -> ``{"a": {"b": [1, 2]}}``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override must look like key=value (e.g. data.limit=5), got {item!r}")
+    try:
+        value = _parse_yaml(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"cannot parse the value of override {item!r}: {problem}") from None
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotated type of a dotted key in the schema, or None if it is not a plain field path."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if tp == str | None:
+        return "a string or null"
+    if typing.get_origin(tp) is list:
+        return "a list of strings" if typing.get_args(tp) == (str,) else "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a section (a mapping of keys)"
+    return f"of type {tp}"
+
+
+def _lookup(data: Any, dotted: str) -> tuple[bool, Any]:
+    for part in dotted.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return False, None
+        data = data[part]
+    return True, data
+
+
+def _check_keys(data: Mapping, schema: type, prefix: str, where: str) -> None:
+    """Refuses unknown keys and scalars given for sections (OmegaConf's own messages for these are noisy)."""
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        dotted = _join(prefix, str(key))
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f", did you mean {_join(prefix, close[0])!r}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}{where}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be {_describe(hints[key])}, got {value!r}{where}")
+            _check_keys(value, hints[key], dotted, where)
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    return (getattr(err, "msg", None) or str(err)).splitlines()[0]
+
+
+def _merge(base: Any, data: dict, where: str) -> Any:
+    """Merges a plain dict into the structured config, turning OmegaConf errors into one-line ConfigErrors."""
+    _check_keys(data, Config, "", where)
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as err:
+        key = err.full_key or ""
+        found, value = _lookup(data, key)
+        tp = _field_type(key) if key else None
+        if found and tp is not None:
+            raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}{where}") from None
+        raise ConfigError(f"{key + ': ' if key else ''}{_first_line(err)}{where}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Builds the validated config: dataclass defaults, then the YAML file, then the overrides.
+
+    Args:
+        path: YAML file nested like :class:`Config`; it may set any subset of keys. None: defaults only.
+        overrides: ``key=value`` items with dotted keys, applied in order; values are parsed as YAML
+            (``data.limit=5``, ``methods=[covspec,dssd]``, ``output=null``).
+
+    Returns:
+        The typed, validated config.
+
+    Raises:
+        ConfigError: unreadable file, YAML syntax error, unknown key, wrong type or invalid value; the message
+            names the file or the dotted key.
+    """
+    if isinstance(overrides, str):  # a lone "k=v" would otherwise be iterated character by character
+        overrides = [overrides]
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), f" (in {path})")
+    for item in overrides:
+        merged = _merge(merged, _parse_override(item), "")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # e.g. an unresolvable ${interpolation}
+        raise ConfigError(f"{err.full_key + ': ' if err.full_key else ''}{_first_line(err)}") from None
+    assert isinstance(cfg, Config)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts and lists (any dataclass works)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The config as YAML that ``load_config`` reads back to an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """The config as one flat dict with dotted keys (``{"pruning.weights.relevance": 1.0, ...}``).
+
+    Lists are kept as values, not expanded. Accepts a config dataclass or a nested dict.
+    """
+    data = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    flat: dict[str, Any] = {}
+
+    def visit(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                visit(value, _join(prefix, str(key)))
+            else:
+                flat[_join(prefix, str(key))] = value
+
+    visit(data, "")
+    return flat

@@ -1,0 +1,91 @@
+"""The adapter protocol every VLM family implements, and the per-request decode state.
+
+An adapter wraps one loaded model and is stateless across requests: everything that belongs to
+one request (KV cache, logical length, position bookkeeping) lives in a ``DecodeState`` that the
+caller owns and passes in. This keeps one model serving many sessions (the edge) and makes
+rollback explicit: it is cropping the cache to a length.
+
+Lengths: ``seq_len`` counts *logical* positions consumed (prompt + scored tokens), ``cache_len``
+counts entries in the KV cache. They differ by the number of visual tokens pruned at prefill;
+the next token's position id is always ``seq_len`` (kept tokens retain their original positions,
+see NOTES-transformers "Visual tokens and pruning").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class PromptInputs:
+    """Model inputs for one image + question, built by the model's own processor."""
+
+    input_ids: torch.Tensor  # [L] prompt ids, image placeholders expanded
+    pixel_values: torch.Tensor  # [1, 3, H, W] (family-specific layout)
+    image_mask: torch.Tensor  # [L] bool, True at visual token positions
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. image_grid_thw)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.image_mask.sum())
+
+
+@dataclass
+class DecodeState:
+    """One request's decoding state: KV cache plus logical/physical lengths."""
+
+    cache: Any  # transformers Cache
+    seq_len: int  # logical positions consumed so far (next position id)
+    pruned: int = 0  # visual tokens dropped at prefill: cache_len == seq_len - pruned
+
+    @property
+    def cache_len(self) -> int:
+        return self.seq_len - self.pruned
+
+
+@runtime_checkable
+class VLMAdapter(Protocol):
+    """What covspec needs from a vision-language model."""
+
+    vocab_size: int
+    eos_token_id: int
+
+    def prepare(self, image: Image.Image, question: str) -> PromptInputs:
+        """Build the prompt (chat template) and pixel inputs for one image and question."""
+        ...
+
+    def prepare_from_ids(self, image: Image.Image, prompt_ids: list[int]) -> PromptInputs:
+        """Inputs for already-tokenized prompt ids (the edge receives ids, not text)."""
+        ...
+
+    def embed(self, inputs: PromptInputs) -> torch.Tensor:
+        """Prompt embeddings with visual tokens written in: [L, H]."""
+        ...
+
+    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[DecodeState, torch.Tensor]:
+        """Prefill the prompt, keeping only visual positions in ``keep`` (all if None).
+
+        Args:
+            inputs: the prompt.
+            keep: [n_kept] sorted indices into the visual tokens (0..N-1) to keep.
+
+        Returns:
+            The new state and the logits at the last prompt position: [V].
+        """
+        ...
+
+    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        """Score ``token_ids`` [k] at the next k positions in one forward; extends the state.
+
+        Returns:
+            logits [k, V]: row i is the distribution after token_ids[: i + 1].
+        """
+        ...
+
+    def rollback(self, state: DecodeState, seq_len: int) -> None:
+        """Drop every position at or after ``seq_len`` from the state (crop the KV cache)."""
+        ...

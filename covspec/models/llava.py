@@ -1,0 +1,139 @@
+"""LLaVA-family adapter (the toy pair and real ``LlavaForConditionalGeneration`` checkpoints).
+
+The unpruned prefill calls the model exactly as ``generate`` does (ids + pixel values), so greedy
+decoding through the adapter is token-identical to ``model.generate(do_sample=False)``. A pruned
+prefill writes the visual features into the prompt embeddings, keeps the chosen visual positions
+and every text position, and passes their *original* position ids (gaps allowed) so that the kept
+tokens and every later token see the positions they would have had without pruning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import DynamicCache, LlavaForConditionalGeneration
+
+from covspec.models.base import DecodeState, PromptInputs
+
+
+class LlavaAdapter:
+    """Wraps a loaded ``LlavaForConditionalGeneration`` and its processor."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor, name: str = "llava") -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.image_token_id: int = model.config.image_token_id
+        self.vocab_size: int = model.config.text_config.vocab_size
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_id: int = eos[0] if isinstance(eos, list) else int(eos)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def prompt_text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _fit(self, image: Image.Image) -> Image.Image:
+        """RGB, resized to the vision tower's size when the processor itself does not resize (toy pair)."""
+        image = image.convert("RGB")
+        if getattr(self.processor.image_processor, "do_resize", True):
+            return image
+        size = self.model.config.vision_config.image_size
+        return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+    def prepare(self, image: Image.Image, question: str) -> PromptInputs:
+        enc = self.processor(images=self._fit(image), text=self.prompt_text(question), return_tensors="pt")
+        return self._inputs(enc["input_ids"][0], enc["pixel_values"])
+
+    def prepare_from_ids(self, image: Image.Image, prompt_ids: list[int]) -> PromptInputs:
+        pixel_values = self.processor.image_processor(images=self._fit(image), return_tensors="pt")["pixel_values"]
+        return self._inputs(torch.tensor(prompt_ids, dtype=torch.long), pixel_values)
+
+    def _inputs(self, input_ids: torch.Tensor, pixel_values) -> PromptInputs:
+        if not isinstance(pixel_values, torch.Tensor):
+            pixel_values = torch.from_numpy(np.stack(pixel_values))
+        return PromptInputs(
+            input_ids=input_ids.to(self.device),
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            image_mask=(input_ids == self.image_token_id).to(self.device),
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- forward passes ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def visual_features(self, inputs: PromptInputs) -> torch.Tensor:
+        """Projected visual tokens in the language model's space: [N, H]."""
+        out = self.model.model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    @torch.inference_mode()
+    def embed(self, inputs: PromptInputs) -> torch.Tensor:
+        """Prompt embeddings with the visual features written into the placeholder rows: [L, H]."""
+        embeds = self.model.get_input_embeddings()(inputs.input_ids)  # [L, H]
+        embeds = embeds.clone()
+        embeds[inputs.image_mask] = self.visual_features(inputs).to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[DecodeState, torch.Tensor]:
+        cache = DynamicCache(config=self.model.config)
+        length = int(inputs.input_ids.shape[0])
+        if keep is None:
+            out = self.model(
+                input_ids=inputs.input_ids[None],
+                pixel_values=inputs.pixel_values,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return DecodeState(cache=cache, seq_len=length), out.logits[0, -1]
+        positions = self.kept_positions(inputs, keep)  # [L_kept]
+        embeds = self.embed(inputs)[positions]
+        out = self.model(
+            inputs_embeds=embeds[None],
+            position_ids=positions[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state = DecodeState(cache=cache, seq_len=length, pruned=length - int(positions.shape[0]))
+        return state, out.logits[0, -1]
+
+    @staticmethod
+    def kept_positions(inputs: PromptInputs, keep: torch.Tensor) -> torch.Tensor:
+        """Sequence positions kept: every text position and the visual positions chosen by ``keep``."""
+        visual_positions = torch.nonzero(inputs.image_mask).flatten()  # [N]
+        mask = ~inputs.image_mask.clone()
+        mask[visual_positions[keep.to(visual_positions.device)]] = True
+        return torch.nonzero(mask).flatten()
+
+    @torch.inference_mode()
+    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        k = int(token_ids.shape[0])
+        position_ids = torch.arange(state.seq_len, state.seq_len + k, device=self.device)[None]
+        out = self.model(
+            input_ids=token_ids.to(self.device)[None],
+            position_ids=position_ids,
+            cache=state.cache,
+            use_cache=True,
+        )
+        state.seq_len += k
+        return out.logits[0]
+
+    def rollback(self, state: DecodeState, seq_len: int) -> None:
+        if seq_len > state.seq_len:
+            raise ValueError(f"cannot roll forward: state has {state.seq_len} positions, asked {seq_len}")
+        drop = state.seq_len - seq_len
+        if drop:
+            state.cache.crop(-drop)  # transformers 5.x: a negative count of entries to remove
+            state.seq_len = seq_len

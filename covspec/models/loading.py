@@ -1,0 +1,58 @@
+"""Load a model adapter from ``models.<role>.path``: a checkpoint directory, builtin name or hub id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from covspec.errors import InputError
+from covspec.models.base import VLMAdapter
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN = {"toy-target": ASSETS / "toy-target", "toy-draft": ASSETS / "toy-draft"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_path(path: str, key: str = "models.target.path") -> str:
+    """A local directory for ``path`` (builtin names resolve to the shipped toy pair), else the hub id.
+
+    Raises:
+        InputError: the path looks local (or is a builtin) but the directory or its config is missing.
+    """
+    if path in BUILTIN:
+        local = BUILTIN[path]
+        if not (local / "config.json").is_file():
+            raise InputError(f"{key}: builtin checkpoint {path!r} is missing at {local} (run pipelines/train_toy.py)")
+        return str(local)
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise InputError(f"{key}: {path!r} is not a checkpoint directory (no config.json)")
+        return str(p)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local:
+        raise InputError(f"{key}: checkpoint directory {path!r} does not exist")
+    return path  # hub id: transformers resolves it (needs network or the local HF cache)
+
+
+def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
+    """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
+    from transformers import AutoConfig, AutoProcessor
+
+    resolved = resolve_path(path, key)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+        processor = AutoProcessor.from_pretrained(resolved)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise InputError(f"{key}: cannot load {path!r}: {str(exc).splitlines()[0]}") from exc
+    model_type = getattr(config, "model_type", "")
+    if model_type == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        from covspec.models.llava import LlavaAdapter
+
+        model = LlavaForConditionalGeneration.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
+        return LlavaAdapter(model, processor, name=Path(resolved).name)
+    raise InputError(f"{key}: unsupported model type {model_type!r} at {path!r} (supported: llava)")

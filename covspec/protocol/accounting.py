@@ -1,0 +1,345 @@
+"""Byte accounting: counters fed from real encoded frames, and exact byte formulas for each message type.
+
+Every reported byte count comes from ``TrafficCounter``, fed with ``len(encode(msg))`` of each frame that crosses
+the link. The formulas below reproduce those lengths exactly (msgpack header sizes included); they serve one
+purpose: the figure *projected* for a real vocabulary (e.g. Qwen2.5-VL's 151,936) from a run's per-round record
+on the toy vocabulary (``projected_decoding_bytes``). vanilla_sd and DSSD-style methods ship float32 distributions,
+as their papers do, so their traffic grows linearly with V while covspec's does not.
+
+The formulas follow the conventions stated in ``covspec.protocol.messages`` (seq numbering, committed_len, when
+``token`` is -1, ``draft_probs`` empty when greedy). Token ids cost ``id_bytes`` each; by default the worst case
+for the vocabulary (5 bytes above 65,535), which overstates every method's id bytes and so understates covspec's
+saving, whose traffic is mostly ids.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from typing import NamedTuple
+
+DIRECTIONS = ("up", "down")
+UPLOAD_TYPES = frozenset({"OpenSession", "SessionOpened"})
+"""The one-time upload and its answer, reported apart from decoding traffic (every other message)."""
+SESSION_ID_LEN = 22  # new_session_id(): token_urlsafe(16)
+
+
+class TrafficCounter:
+    """Bytes and message counts per direction and message type, from the real encoded frames.
+
+    Thread-safe; picklable (Ray); ``a + b`` and ``a += b`` merge counters across requests or devices.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: Counter[tuple[str, str]] = Counter()  # (direction, msg_type) -> bytes
+        self.messages: Counter[tuple[str, str]] = Counter()  # (direction, msg_type) -> frames
+        self._lock = threading.Lock()
+
+    def record(self, direction: str, msg_type: str | type | object, nbytes: int) -> None:
+        """Counts one frame of ``nbytes`` (``len(encode(msg))``); ``msg_type`` is a name, class or message."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        if not isinstance(msg_type, str):
+            msg_type = (msg_type if isinstance(msg_type, type) else type(msg_type)).__name__
+        with self._lock:
+            self.bytes[direction, msg_type] += nbytes
+            self.messages[direction, msg_type] += 1
+
+    def total(self, direction: str | None = None, phase: str | None = None) -> int:
+        """Bytes in ``direction`` ("up", "down", None: both) and ``phase`` ("upload", "decoding", None: both)."""
+        if phase not in (None, "upload", "decoding"):
+            raise ValueError(f"phase must be 'upload', 'decoding' or None, got {phase!r}")
+        return sum(
+            n
+            for (d, t), n in self.bytes.items()
+            if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
+        )
+
+    @property
+    def upload_bytes(self) -> int:
+        return self.total(phase="upload")
+
+    @property
+    def decoding_bytes(self) -> int:
+        return self.total(phase="decoding")
+
+    def merge(self, other: TrafficCounter) -> TrafficCounter:
+        """Adds ``other`` into this counter; returns self."""
+        with self._lock:
+            self.bytes.update(other.bytes)
+            self.messages.update(other.messages)
+        return self
+
+    def __iadd__(self, other: TrafficCounter) -> TrafficCounter:
+        return self.merge(other)
+
+    def __add__(self, other: TrafficCounter) -> TrafficCounter:
+        return TrafficCounter().merge(self).merge(other)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrafficCounter) and (self.bytes, self.messages) == (other.bytes, other.messages)
+
+    def __getstate__(self) -> dict:
+        return {"bytes": self.bytes, "messages": self.messages}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.bytes.update(state["bytes"])
+        self.messages.update(state["messages"])
+
+    def to_dict(self) -> dict[str, int]:
+        """Flat metrics: ``{dir}.{type}.bytes``, ``{dir}.{type}.messages`` and the totals
+        ``upload_bytes[_up|_down]``, ``decoding_bytes[_up|_down]``, ``total_bytes``."""
+        out = {f"{d}.{t}.bytes": n for (d, t), n in sorted(self.bytes.items())}
+        out.update({f"{d}.{t}.messages": n for (d, t), n in sorted(self.messages.items())})
+        for phase in ("upload", "decoding"):
+            out[f"{phase}_bytes"] = self.total(phase=phase)
+            for d in DIRECTIONS:
+                out[f"{phase}_bytes_{d}"] = self.total(d, phase)
+        out["total_bytes"] = self.total()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> TrafficCounter:
+        """Inverse of ``to_dict`` (the totals are recomputed, not read)."""
+        counter = cls()
+        for key, n in data.items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] in DIRECTIONS:
+                table = {"bytes": counter.bytes, "messages": counter.messages}.get(parts[2])
+                if table is not None:
+                    table[parts[0], parts[1]] += n
+        return counter
+
+
+# ---- msgpack sizes (msgspec always picks the shortest form)
+
+
+def int_bytes(v: int) -> int:
+    """Encoded size of an int."""
+    if v >= 0:
+        return 1 if v < 128 else 2 if v < 256 else 3 if v < 65536 else 5 if v < 2**32 else 9
+    return 1 if v >= -32 else 2 if v >= -128 else 3 if v >= -32768 else 5 if v >= -(2**31) else 9
+
+
+def str_bytes(n: int) -> int:
+    """Encoded size of a str of ``n`` UTF-8 bytes."""
+    return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+
+
+def bin_bytes(n: int) -> int:
+    """Encoded size of ``n`` raw bytes."""
+    return n + (2 if n < 256 else 3 if n < 65536 else 5)
+
+
+def array_header_bytes(n: int) -> int:
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
+def ids_bytes(ids: Iterable[int]) -> int:
+    """Encoded size of a list of token ids, header included."""
+    ids = list(ids)
+    return array_header_bytes(len(ids)) + sum(int_bytes(t) for t in ids)
+
+
+def _frame(num_fields: int) -> int:
+    return 1 + array_header_bytes(num_fields + 1) + 1  # version byte, array header, tag
+
+
+def _id_bytes(id_bytes: int | None, vocab_size: int) -> int:
+    return int_bytes(vocab_size - 1) if id_bytes is None else id_bytes
+
+
+# ---- one formula per message type
+
+
+def open_session_bytes(
+    prompt_ids: Iterable[int],
+    image_nbytes: int,
+    method: str,
+    *,
+    image_format: str = "png",
+    max_new_tokens: int,
+    seed: int,
+    num_candidates: int,
+    session_id_len: int = SESSION_ID_LEN,
+) -> int:
+    """OpenSession (temperature and top_p are float64 on the wire: 9 bytes each)."""
+    return (
+        _frame(10)
+        + str_bytes(session_id_len)
+        + str_bytes(len(method))
+        + ids_bytes(prompt_ids)
+        + bin_bytes(image_nbytes)
+        + str_bytes(len(image_format))
+        + 9
+        + 9
+        + int_bytes(max_new_tokens)
+        + int_bytes(seed)
+        + int_bytes(num_candidates)
+    )
+
+
+def session_opened_bytes(vocab_size: int, session_id_len: int = SESSION_ID_LEN) -> int:
+    return _frame(2) + str_bytes(session_id_len) + int_bytes(vocab_size)
+
+
+def verify_request_bytes(
+    mode: str,
+    k: int,
+    vocab_size: int,
+    *,
+    sampling: bool,
+    seq: int = 0,
+    committed_len: int = 0,
+    id_bytes: int | None = None,
+    session_id_len: int = SESSION_ID_LEN,
+) -> int:
+    """VerifyRequest of k drafted ids; vanilla_sd adds the k×V float32 draft distributions."""
+    return (
+        _frame(7)
+        + str_bytes(session_id_len)
+        + int_bytes(seq)
+        + array_header_bytes(k)
+        + k * _id_bytes(id_bytes, vocab_size)
+        + bin_bytes(4 * k if sampling else 0)
+        + bin_bytes(4 * k * vocab_size if mode == "vanilla_sd" else 0)
+        + int_bytes(committed_len)
+        + (1 if seq == 0 else _id_bytes(id_bytes, vocab_size))  # last_token: -1 in round 0, else a token id
+    )
+
+
+def verify_response_bytes(
+    mode: str,
+    k: int,
+    num_accepted: int,
+    vocab_size: int,
+    *,
+    sampling: bool,
+    num_candidates: int = 0,
+    more: bool = False,
+    seq: int = 0,
+    id_bytes: int | None = None,
+    session_id_len: int = SESSION_ID_LEN,
+) -> int:
+    """VerifyResponse to a block of k with ``num_accepted`` accepted (``more``: the answer to MoreCandidates).
+
+    What it carries follows the conventions: vanilla_sd always k+1 rows of p and token -1; otherwise the bonus
+    when all are accepted, the corrected token on a greedy rejection, and on a sampled rejection token -1 plus
+    p at the rejected position (dssd) or ``num_candidates`` candidates with their p (covspec).
+    """
+    if more and mode != "covspec":
+        raise ValueError(f"MoreCandidates exists in covspec mode only, not {mode}")
+    rejected = num_accepted < k
+    token_bytes, rows, m = _id_bytes(id_bytes, vocab_size), 0, 0
+    if mode == "vanilla_sd":
+        token_bytes, rows = 1, k + 1
+    elif more or (rejected and sampling):
+        token_bytes = 1
+        rows, m = (1, 0) if mode == "dssd" else (0, num_candidates)
+    return (
+        _frame(8)
+        + str_bytes(session_id_len)
+        + int_bytes(seq)
+        + int_bytes(num_accepted)
+        + token_bytes
+        + array_header_bytes(m)
+        + m * _id_bytes(id_bytes, vocab_size)
+        + bin_bytes(4 * m)
+        + bin_bytes(4 * rows * vocab_size)
+        + 1
+    )
+
+
+def more_candidates_bytes(seq: int = 0, session_id_len: int = SESSION_ID_LEN) -> int:
+    return _frame(2) + str_bytes(session_id_len) + int_bytes(seq)
+
+
+def close_bytes(session_id_len: int = SESSION_ID_LEN) -> int:
+    return _frame(1) + str_bytes(session_id_len)
+
+
+def token_chunk_bytes(
+    n_tokens: int, vocab_size: int, *, seq: int = 0, id_bytes: int | None = None, session_id_len: int = SESSION_ID_LEN
+) -> int:
+    return (
+        _frame(4)
+        + str_bytes(session_id_len)
+        + int_bytes(seq)
+        + array_header_bytes(n_tokens)
+        + n_tokens * _id_bytes(id_bytes, vocab_size)
+        + 1
+    )
+
+
+EXPECTED_BYTES = {
+    "OpenSession": open_session_bytes,
+    "SessionOpened": session_opened_bytes,
+    "VerifyRequest": verify_request_bytes,
+    "VerifyResponse": verify_response_bytes,
+    "MoreCandidates": more_candidates_bytes,
+    "Close": close_bytes,
+    "TokenChunk": token_chunk_bytes,
+}
+
+
+def expected_bytes(msg_type: str, *args, **kwargs) -> int:
+    """The exact frame size of a ``msg_type`` message; arguments as in the per-type formula above."""
+    return EXPECTED_BYTES[msg_type](*args, **kwargs)
+
+
+# ---- a request's decoding traffic from its per-round record
+
+
+class Round(NamedTuple):
+    """What one verification round exchanged (target_only: one TokenChunk of ``k`` tokens)."""
+
+    k: int  # drafted tokens
+    num_accepted: int
+    more_requests: int = 0  # covspec: MoreCandidates sent after all candidates were refused
+
+
+def projected_decoding_bytes(
+    mode: str,
+    rounds: Iterable[Round | tuple[int, ...]],
+    vocab_size: int,
+    *,
+    sampling: bool,
+    num_candidates: int = 0,
+    id_bytes: int | None = None,
+    session_id_len: int = SESSION_ID_LEN,
+) -> dict[str, int]:
+    """A request's decoding traffic (everything after the upload, Close included) for a given vocabulary.
+
+    Exact for the vocabulary the request ran with (given its ids' sizes); for another vocabulary it is the
+    *projected* figure: the same rounds, with distributions of the new size and ids costing ``id_bytes``
+    (default: the worst case for ``vocab_size``).
+
+    Args:
+        mode: wire mode (``WIRE_MODES``).
+        rounds: one ``Round(k, num_accepted, more_requests)`` per verification round (per TokenChunk).
+        vocab_size: the vocabulary to project to.
+        sampling: temperature > 0.
+        num_candidates: m (covspec).
+
+    Returns:
+        ``{"up": bytes, "down": bytes, "total": bytes}``.
+    """
+    up = close_bytes(session_id_len)
+    down = committed = 0
+    for seq, r in enumerate(rounds):
+        r = Round(*r)
+        if mode == "target_only":
+            down += token_chunk_bytes(r.k, vocab_size, seq=seq, id_bytes=id_bytes, session_id_len=session_id_len)
+            continue
+        common = dict(sampling=sampling, seq=seq, id_bytes=id_bytes, session_id_len=session_id_len)
+        up += verify_request_bytes(mode, r.k, vocab_size, committed_len=committed, **common)
+        down += verify_response_bytes(mode, r.k, r.num_accepted, vocab_size, num_candidates=num_candidates, **common)
+        if r.more_requests:
+            up += r.more_requests * more_candidates_bytes(seq, session_id_len)
+            down += r.more_requests * verify_response_bytes(
+                mode, r.k, r.num_accepted, vocab_size, num_candidates=num_candidates, more=True, **common
+            )
+        committed += r.num_accepted + 1
+    return {"up": up, "down": down, "total": up + down}

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from covspec.cli import main, split_config_args
+from covspec.config import Config, config_to_dict
+from covspec.errors import ConfigError, InputError
+
+
+def test_config_show_prints_the_resolved_yaml(capsys, write_yaml):
+    path = write_yaml("pruning:\n  method: joint\n")
+    assert main(["config", "show", str(path), "data.limit=3", "methods=[covspec,dssd]"]) == 0
+    out = capsys.readouterr().out
+    shown = yaml.safe_load(out)
+    assert shown["data"]["limit"] == 3
+    assert shown["methods"] == ["covspec", "dssd"]
+    assert shown["pruning"]["method"] == "joint"
+    assert shown.keys() == config_to_dict(Config()).keys()
+
+
+def test_config_show_without_arguments_prints_the_defaults(capsys):
+    assert main(["config", "show"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config_to_dict(Config())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["config", "show", "pruning.keep_ratio=1.5"], "pruning.keep_ratio must be in (0, 1], got 1.5"),
+        (["config", "show", "data.limt=3"], "unknown config key 'data.limt'"),
+        (["config", "show", "missing.yaml"], "config file not found: missing.yaml"),
+        (["config", "show", "data.limit=3", "oops"], "expected key=value"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(capsys, argv: list[str], message: str):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("covspec: error: ")
+    assert message in captured.err
+    assert captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+
+
+def test_debug_reraises_user_errors():
+    with pytest.raises(ConfigError):
+        main(["--debug", "config", "show", "data.limit=0"])
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["config"]) == 2
+    assert main(["nonsense"]) == 2
+    assert "usage:" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("covspec.cli._config_show", interrupted)
+    assert main(["config", "show"]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_split_config_args():
+    assert split_config_args([]) == (None, [])
+    assert split_config_args(["a.yaml"]) == ("a.yaml", [])
+    assert split_config_args(["a.yaml", "x=1", "y=2"]) == ("a.yaml", ["x=1", "y=2"])
+    assert split_config_args(["x=1"]) == (None, ["x=1"])
+    with pytest.raises(InputError, match=r"'b\.yaml'"):
+        split_config_args(["a.yaml", "b.yaml"])
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "covspec.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_module_entry_point_runs_without_traceback():
+    ok = _run_module("config", "show", "data.limit=3")
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["data"]["limit"] == 3
+    bad = _run_module("config", "show", "data.limit=abc")
+    assert bad.returncode == 2
+    assert bad.stderr == "covspec: error: data.limit must be an integer, got 'abc'\n"
