@@ -96,3 +96,34 @@ def _run_eval(args: argparse.Namespace) -> int:
         table.add_row(kind, str(n), f"{sum(s[0] for s in scores) / n:.1%}", f"{sum(s[1] for s in scores) / n:.3f}")
     Console(file=sys.stdout).print(table)
     return 0
+
+
+@command
+def _bench(commands: Subparsers) -> None:
+    parser = commands.add_parser("bench", help="compare every method side by side on the same samples")
+    parser.add_argument("--out", default=None, help="results JSONL (default: config 'output', else none)")
+    parser.add_argument("--no-hf-assisted", action="store_true", help="skip the Hugging Face assisted-generation peer")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from pipelines.bench import print_report, run_bench
+
+    cfg = config_from_args(args)
+    out = args.out or cfg.output
+    out_path = Path(out) if out else None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
+        report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=lambda: progress.advance(task))
+    print_report(report)
+    if out_path is not None:
+        print(f"per-request results: {out_path}")
+    return 0

@@ -47,8 +47,10 @@ def round_messages(mode, k, num_accepted, vocab, *, sampling, m, seq, committed,
     ]
     if mode == "vanilla_sd":
         token, cands, rows = -1, 0, k + 1
+    elif rejected and mode == "dssd":
+        token, cands, rows = -1, 0, 1
     elif rejected and sampling:
-        token, cands, rows = -1, (m if mode == "covspec" else 0), (1 if mode == "dssd" else 0)
+        token, cands, rows = -1, m, 0
     else:
         token, cands, rows = tok, 0, 0
 

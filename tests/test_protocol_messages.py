@@ -103,7 +103,7 @@ def test_round_trip(msg):
 def test_session_ids_are_unique_and_url_safe():
     ids = {new_session_id() for _ in range(100)}
     assert len(ids) == 100
-    assert all(len(s) == 22 and s.replace("-", "").replace("_", "").isalnum() for s in ids)
+    assert all(len(s) == 16 and s.replace("-", "").replace("_", "").isalnum() for s in ids)
 
 
 def test_probs_helpers_round_trip_float32():

@@ -53,8 +53,23 @@ class LlavaAdapter:
         return self._inputs(enc["input_ids"][0], enc["pixel_values"])
 
     def prepare_from_ids(self, image: Image.Image, prompt_ids: list[int]) -> PromptInputs:
+        """Inputs for ids tokenized elsewhere; each run of image placeholders is resized to this model's count
+        (a draft with another vision tower expands ``<image>`` to a different number of placeholders)."""
         pixel_values = self.processor.image_processor(images=self._fit(image), return_tensors="pt")["pixel_values"]
-        return self._inputs(torch.tensor(prompt_ids, dtype=torch.long), pixel_values)
+        ids: list[int] = []
+        for i, tok in enumerate(prompt_ids):
+            if tok != self.image_token_id:
+                ids.append(tok)
+            elif i == 0 or prompt_ids[i - 1] != self.image_token_id:
+                ids.extend([self.image_token_id] * self.num_image_tokens)
+        return self._inputs(torch.tensor(ids, dtype=torch.long), pixel_values)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image (one tile, the ``default`` strategy drops CLS)."""
+        vision = self.model.config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        return n if self.model.config.vision_feature_select_strategy == "default" else n + 1
 
     def _inputs(self, input_ids: torch.Tensor, pixel_values) -> PromptInputs:
         if not isinstance(pixel_values, torch.Tensor):

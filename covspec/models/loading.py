@@ -40,7 +40,9 @@ def resolve_path(path: str, key: str = "models.target.path") -> str:
 def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
     """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
     from transformers import AutoConfig, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     resolved = resolve_path(path, key)
     try:
         config = AutoConfig.from_pretrained(resolved)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 DIRECTIONS = ("up", "down")
 UPLOAD_TYPES = frozenset({"OpenSession", "SessionOpened"})
 """The one-time upload and its answer, reported apart from decoding traffic (every other message)."""
-SESSION_ID_LEN = 22  # new_session_id(): token_urlsafe(16)
+SESSION_ID_LEN = 16  # new_session_id(): token_urlsafe(12)
 
 
 class TrafficCounter:
@@ -196,17 +196,22 @@ def verify_request_bytes(
     id_bytes: int | None = None,
     session_id_len: int = SESSION_ID_LEN,
 ) -> int:
-    """VerifyRequest of k drafted ids; vanilla_sd adds the k×V float32 draft distributions."""
+    """VerifyRequest of k drafted ids; q(x_i) when sampling; vanilla_sd adds the k×V float32 draft distributions.
+
+    Trailing empty payloads are omitted from the frame (``omit_defaults``)."""
+    ib = _id_bytes(id_bytes, vocab_size)
+    tail = [4 * k if sampling else 0, 4 * k * vocab_size if mode == "vanilla_sd" else 0]
+    while tail and tail[-1] == 0:
+        tail.pop()
     return (
-        _frame(7)
+        _frame(5 + len(tail))
         + str_bytes(session_id_len)
         + int_bytes(seq)
         + array_header_bytes(k)
-        + k * _id_bytes(id_bytes, vocab_size)
-        + bin_bytes(4 * k if sampling else 0)
-        + bin_bytes(4 * k * vocab_size if mode == "vanilla_sd" else 0)
+        + k * ib
         + int_bytes(committed_len)
-        + (1 if seq == 0 else _id_bytes(id_bytes, vocab_size))  # last_token: -1 in round 0, else a token id
+        + (1 if seq == 0 else ib)  # last_token: -1 in round 0, else a token id
+        + sum(bin_bytes(n) for n in tail)
     )
 
 
@@ -222,33 +227,43 @@ def verify_response_bytes(
     seq: int = 0,
     id_bytes: int | None = None,
     session_id_len: int = SESSION_ID_LEN,
+    finished: bool = False,
 ) -> int:
     """VerifyResponse to a block of k with ``num_accepted`` accepted (``more``: the answer to MoreCandidates).
 
     What it carries follows the conventions: vanilla_sd always k+1 rows of p and token -1; otherwise the bonus
-    when all are accepted, the corrected token on a greedy rejection, and on a sampled rejection token -1 plus
-    p at the rejected position (dssd) or ``num_candidates`` candidates with their p (covspec).
+    when all are accepted; on a rejection dssd sends token -1 plus p at the rejected position (V floats, greedy or
+    not, as DSSD does); covspec sends the corrected token (greedy) or token -1 plus ``num_candidates`` candidates
+    with their p. Trailing empty fields (and ``finished=False``) are omitted from the frame.
     """
     if more and mode != "covspec":
         raise ValueError(f"MoreCandidates exists in covspec mode only, not {mode}")
     rejected = num_accepted < k
-    token_bytes, rows, m = _id_bytes(id_bytes, vocab_size), 0, 0
+    ib = _id_bytes(id_bytes, vocab_size)
+    token_bytes, rows, m = ib, 0, 0
     if mode == "vanilla_sd":
         token_bytes, rows = 1, k + 1
+    elif mode == "dssd" and rejected:
+        token_bytes, rows = 1, 1
     elif more or (rejected and sampling):
-        token_bytes = 1
-        rows, m = (1, 0) if mode == "dssd" else (0, num_candidates)
+        token_bytes, m = 1, num_candidates
+    # optional fields in order: candidate_ids, candidate_probs, target_dists, finished (None = default, omitted)
+    tail = [
+        array_header_bytes(m) + m * ib if m else None,
+        bin_bytes(4 * m) if m else None,
+        bin_bytes(4 * rows * vocab_size) if rows else None,
+        1 if finished else None,
+    ]
+    while tail and tail[-1] is None:
+        tail.pop()
+    defaults = [array_header_bytes(0), bin_bytes(0), bin_bytes(0), 1]
     return (
-        _frame(8)
+        _frame(4 + len(tail))
         + str_bytes(session_id_len)
         + int_bytes(seq)
         + int_bytes(num_accepted)
         + token_bytes
-        + array_header_bytes(m)
-        + m * _id_bytes(id_bytes, vocab_size)
-        + bin_bytes(4 * m)
-        + bin_bytes(4 * rows * vocab_size)
-        + 1
+        + sum(defaults[i] if v is None else v for i, v in enumerate(tail))
     )
 
 

@@ -1,6 +1,7 @@
 """Wire messages between a device (draft VLM) and the edge (target VLM): typed structs, one binary frame each.
 
-Frame layout: one byte of protocol version, then one msgpack array ``[tag, *fields]``. The structs are msgspec
+Frame layout: one byte of protocol version, then one msgpack array ``[tag, *fields]``; trailing fields that hold
+their default (empty payloads, ``finished=False``) are omitted, which is why the optional payloads come last. The structs are msgspec
 ``array_like`` structs with a small integer tag, so field names never travel; the field order *is* the wire
 format (reordering, adding or removing a field means bumping ``PROTOCOL_VERSION``). The version byte sits outside
 the msgpack body so that a peer speaking another version gets a clear ``version`` error before any field is read.
@@ -23,9 +24,9 @@ Message flow and conventions (the byte formulas in ``accounting`` rely on them):
   excluded) the device holds as committed before the block.
 - ``draft_probs`` holds q(x_i) when sampling (temperature > 0) and is empty for greedy decoding, where the
   accept test only compares ids. ``draft_dists`` holds the k×V draft distributions for ``vanilla_sd`` only.
-- ``VerifyResponse.token`` is the bonus token (all accepted) or the corrected token (greedy rejection), and -1
+- ``VerifyResponse.token`` is the bonus token (all accepted) or the corrected token (covspec greedy rejection), and -1
   when the device corrects itself: from ``candidate_ids`` (covspec, sampling), from ``target_dists`` (dssd,
-  sampling: p at the rejected position, V floats), or always for ``vanilla_sd`` (p at the k+1 positions).
+  greedy or sampling: p at the rejected position, V floats), or always for ``vanilla_sd`` (p at the k+1 positions).
 - ``decode`` checks everything that needs no session state; ``check_against`` / ``validate_against`` check the
   rest (vocabulary, method, committed length). A receiver answers a bad message with an ``ErrorReply`` and
   changes no state.
@@ -108,7 +109,7 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 Count = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 
 
-class _Message(msgspec.Struct, array_like=True, frozen=True):
+class _Message(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
     pass
 
 
@@ -139,13 +140,13 @@ class VerifyRequest(_Message, tag=2):
     session_id: SessionId
     seq: Count
     draft_ids: Annotated[list[TokenId], msgspec.Meta(min_length=1)]  # [k]
-    draft_probs: bytes  # float32 [k]: q(x_i) when sampling; empty when greedy
-    draft_dists: bytes  # float32 [k, V]: vanilla_sd only; empty otherwise
     committed_len: Count  # generated tokens the device holds as committed, last_token included
     last_token: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]
     """The token the previous round committed after its accepted drafts (bonus or correction), which the edge
     feeds in front of this block; -1 in round 0. The edge checks it against what it sent (the token, one of the
     candidates, or a token with p > 0), so a device cannot commit a token the target could not have produced."""
+    draft_probs: bytes = b""  # float32 [k]: q(x_i) when sampling; empty when greedy
+    draft_dists: bytes = b""  # float32 [k, V]: vanilla_sd only; empty otherwise
 
 
 class MoreCandidates(_Message, tag=3):
@@ -174,10 +175,10 @@ class VerifyResponse(_Message, tag=6):
     seq: Count
     num_accepted: Count  # accepted draft tokens, the bonus/correction excluded
     token: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]  # bonus or corrected token; -1: the device corrects
-    candidate_ids: list[TokenId]  # [m] covspec: candidates drawn from p at the rejected position
-    candidate_probs: bytes  # float32 [m]: p(y) of each candidate
-    target_dists: bytes  # float32 [1, V] (dssd) or [k+1, V] (vanilla_sd); empty otherwise
-    finished: bool  # the edge ends the session (EOS or max_new_tokens reached on its side)
+    candidate_ids: list[TokenId] = []  # [m] covspec: candidates drawn from p at the rejected position
+    candidate_probs: bytes = b""  # float32 [m]: p(y) of each candidate
+    target_dists: bytes = b""  # float32 [1, V] (dssd) or [k+1, V] (vanilla_sd); empty otherwise
+    finished: bool = False  # the edge ends the session (EOS or max_new_tokens reached on its side)
 
 
 class TokenChunk(_Message, tag=7):
@@ -212,8 +213,8 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 
 def new_session_id() -> str:
-    """An unguessable session id (128 random bits, 22 url-safe characters)."""
-    return secrets.token_urlsafe(16)
+    """An unguessable session id (96 random bits, 16 url-safe characters)."""
+    return secrets.token_urlsafe(12)
 
 
 def probs_to_bytes(x) -> bytes:
@@ -229,9 +230,23 @@ def bytes_to_probs(data: bytes, rows: int | None = None) -> np.ndarray:
     return a if rows is None else a.reshape(rows, -1)
 
 
+def _defaults(cls: type) -> tuple:
+    cfg = cls.__struct_fields__
+    defaults = [d.factory() if isinstance(d, msgspec._core.Factory) else d for d in cls.__struct_defaults__]
+    return (msgspec.NODEFAULT,) * (len(cfg) - len(defaults)) + tuple(defaults)
+
+
+_DEFAULTS = {cls: _defaults(cls) for cls in _BY_TAG.values()}
+
+
 def encode(msg: Message) -> bytes:
-    """One frame: the version byte then the msgpack body. Not validated: the receiver's ``decode`` does that."""
-    return _VERSION_BYTE + _ENCODER.encode(msg)
+    """One frame: the version byte then the msgpack body ``[tag, *fields]`` with trailing default fields left
+    out (msgspec fills them back in on decode). Not validated: the receiver's ``decode`` does that."""
+    fields = list(msgspec.structs.astuple(msg))
+    defaults = _DEFAULTS[type(msg)]
+    while fields and defaults[len(fields) - 1] is not msgspec.NODEFAULT and fields[-1] == defaults[len(fields) - 1]:
+        fields.pop()
+    return _VERSION_BYTE + _ENCODER.encode([msg.__struct_config__.tag, *fields])
 
 
 def decode(data: bytes, expected: type | tuple[type, ...] | None = None, limits: Limits = DEFAULT_LIMITS) -> Message:

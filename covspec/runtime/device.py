@@ -1,0 +1,334 @@
+"""The Device: the draft VLM, one request at a time, talking to the edge through a ``Transport``.
+
+One speculative round (gpt-fast shape), for vanilla_sd, dssd and covspec:
+
+1. Draft a block x_1..x_k from the draft's next-token logits, keeping each q row; x_k is not fed
+   to the draft yet (it only matters if the whole block is accepted).
+2. Send ``VerifyRequest`` (ids, q(x_i) when sampling, the full q rows for vanilla_sd) and wait.
+3. Commit the n accepted drafts plus one more token: the edge's token (greedy, bonus), or a local
+   correction from the candidates (covspec), from p at the rejected position (dssd) or from the k+1
+   rows of p (vanilla_sd).
+4. Crop the draft cache to the accepted prefix and feed the rest (x_k if all were accepted, and the
+   new token) in one forward.
+
+Seams for later issues: ``keep`` (visual token pruning) goes to the draft prefill; ``DraftPolicy``
+chooses the block length (fixed here).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covspec.decoding.autoregressive import generate
+from covspec.decoding.sampling import probs_from_logits, sample
+from covspec.decoding.verify import correct_from_candidates, correct_from_residual
+from covspec.models.base import VLMAdapter
+from covspec.protocol import (
+    Close,
+    ErrorReply,
+    MoreCandidates,
+    OpenSession,
+    ProtocolError,
+    Round,
+    SessionOpened,
+    TokenChunk,
+    TrafficCounter,
+    VerifyRequest,
+    VerifyResponse,
+    bytes_to_probs,
+    check_against,
+    new_session_id,
+    probs_to_bytes,
+)
+from covspec.runtime.transport import Transport
+
+SPECULATIVE_METHODS = ("vanilla_sd", "dssd", "covspec")
+ALL_METHODS = ("target_only", "draft_only", *SPECULATIVE_METHODS)
+
+
+class EdgeError(RuntimeError):
+    """The edge refused a frame of ours (a bug on one side); carries the edge's code and message."""
+
+
+@dataclass
+class DeviceSettings:
+    """What the device needs to know about one request's decoding."""
+
+    method: str = "covspec"
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    gamma: int = 5  # fixed draft length
+    num_candidates: int = 4
+    seed: int = 0
+    compute_slowdown: float = 1.0  # >1 emulates a slower device: draft compute is stretched by this factor
+    reply_timeout_s: float = 120.0
+
+
+@dataclass
+class RequestResult:
+    """One request's output and measurements."""
+
+    method: str
+    token_ids: list[int]
+    text: str
+    latency_s: float
+    ttft_s: float
+    rounds: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    more_candidate_requests: int = 0
+    device_busy_s: float = 0.0
+    device_idle_s: float = 0.0
+    visual_tokens_kept: int = 0
+    visual_tokens: int = 0
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)
+    round_log: list[Round] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat per-request metrics (the JSONL fields besides ids and text)."""
+        t = self.traffic
+        rounds = max(self.rounds, 1)
+        return {
+            "num_tokens": self.num_tokens,
+            "latency_s": self.latency_s,
+            "ttft_s": self.ttft_s,
+            "rounds": self.rounds,
+            "num_drafted": self.num_drafted,
+            "num_accepted": self.num_accepted,
+            "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
+            "mean_accepted_length": 1 + self.num_accepted / rounds if self.rounds else None,
+            "more_candidate_requests": self.more_candidate_requests,
+            "bytes_up": t.total("up", "decoding"),
+            "bytes_down": t.total("down", "decoding"),
+            "bytes_upload": t.total(None, "upload"),
+            "bytes_by_type": {k: v for k, v in t.to_dict().items() if k.endswith(".bytes")},
+            "device_busy_s": self.device_busy_s,
+            "device_idle_s": self.device_idle_s,
+            "visual_tokens": self.visual_tokens,
+            "visual_tokens_kept": self.visual_tokens_kept,
+        }
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Device:
+    """A device with a draft model; ``run`` answers one question about one image with ``settings.method``."""
+
+    def __init__(self, draft: VLMAdapter | None, transport: Transport | None, settings: DeviceSettings) -> None:
+        if settings.method not in ALL_METHODS:
+            raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}, got {settings.method!r}")
+        self.draft = draft
+        self.transport = transport
+        self.settings = settings
+        self._busy = 0.0
+        self._idle = 0.0
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _compute(self, fn, *args):
+        """Run draft compute, accounting it as busy time (stretched by the slow-down factor)."""
+        t = time.perf_counter()
+        out = fn(*args)
+        spent = time.perf_counter() - t
+        if self.settings.compute_slowdown > 1:
+            time.sleep(spent * (self.settings.compute_slowdown - 1))
+        self._busy += time.perf_counter() - t
+        return out
+
+    def _wait(self, kind: type) -> Any:
+        t = time.perf_counter()
+        while True:
+            msg = self.transport.recv(timeout=self.settings.reply_timeout_s)
+            if isinstance(msg, ErrorReply):
+                raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
+            if isinstance(msg, kind):
+                self._idle += time.perf_counter() - t
+                return msg
+            if not isinstance(msg, SessionOpened):
+                raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
+            check_against(msg, self.draft.vocab_size if self.draft else msg.vocab_size)
+
+    # -- methods -------------------------------------------------------------------------------
+
+    def run(self, image: Image.Image, question: str, keep: torch.Tensor | None = None) -> RequestResult:
+        """Answer ``question`` about ``image``. ``keep``: visual tokens kept for the draft prefill."""
+        self._busy = self._idle = 0.0
+        if self.transport is not None:
+            self.transport.traffic = TrafficCounter()
+        method = self.settings.method
+        if method == "draft_only":
+            return self._draft_only(image, question, keep)
+        if method == "target_only":
+            return self._target_only(image, question)
+        return self._speculative(image, question, keep)
+
+    def _draft_only(self, image: Image.Image, question: str, keep: torch.Tensor | None) -> RequestResult:
+        s = self.settings
+        inputs = self.draft.prepare(image, question)
+        gen = torch.Generator().manual_seed(s.seed)
+        out = self._compute(generate, self.draft, inputs, s.max_new_tokens, s.temperature, s.top_p, gen, keep)
+        return RequestResult("draft_only", out.token_ids, self.draft.decode(out.token_ids), out.latency_s,
+                             out.ttft_s, device_busy_s=self._busy, visual_tokens=inputs.num_visual_tokens,
+                             visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep))  # fmt: skip
+
+    def _open(self, image: Image.Image, prompt_ids: list[int], method: str) -> str:
+        s = self.settings
+        sid = new_session_id()
+        self.transport.send(OpenSession(sid, method, prompt_ids, png_bytes(image), "png", s.temperature, s.top_p,
+                                        s.max_new_tokens, s.seed, s.num_candidates))  # fmt: skip
+        return sid
+
+    def _target_only(self, image: Image.Image, question: str) -> RequestResult:
+        start = time.perf_counter()
+        prompt_ids = self._prompt_ids(image, question)
+        self._open(image, prompt_ids, "target_only")
+        tokens: list[int] = []
+        ttft = 0.0
+        while True:
+            chunk = self._wait(TokenChunk)
+            if not tokens and chunk.token_ids:
+                ttft = time.perf_counter() - start
+            tokens.extend(chunk.token_ids)
+            if chunk.finished:
+                break
+        return RequestResult("target_only", tokens, self._decode(tokens), time.perf_counter() - start, ttft,
+                             device_idle_s=self._idle, traffic=self.transport.traffic)  # fmt: skip
+
+    def _prompt_ids(self, image: Image.Image, question: str) -> list[int]:
+        if self.draft is None:
+            raise ValueError("the device needs a draft adapter (its processor builds the prompt)")
+        return self.draft.prepare(image, question).input_ids.tolist()
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.draft.decode(tokens) if self.draft is not None else ""
+
+    def _speculative(self, image: Image.Image, question: str, keep: torch.Tensor | None) -> RequestResult:
+        s = self.settings
+        start = time.perf_counter()
+        draft = self.draft
+        eos = draft.eos_token_id
+        gen = torch.Generator().manual_seed(s.seed + 1)
+        inputs = draft.prepare(image, question)
+        sid = self._open(image, inputs.input_ids.tolist(), s.method)
+        state, logits = self._compute(draft.prefill, inputs, keep)
+        result = RequestResult(s.method, [], "", 0.0, 0.0, visual_tokens=inputs.num_visual_tokens,
+                               visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep))  # fmt: skip
+        committed: list[int] = []
+        last_token = -1
+        seq = 0
+        while True:
+            k = min(s.gamma, s.max_new_tokens - len(committed))
+            base = state.seq_len
+            ids, q_rows, logits = self._compute(self._draft_block, state, logits, k, gen)
+            self.transport.send(VerifyRequest(
+                sid, seq, ids, committed_len=len(committed), last_token=last_token,
+                draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
+                draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
+            ))  # fmt: skip
+            reply = self._wait(VerifyResponse)
+            check_against(reply, draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
+                          num_drafted=len(ids), expected_seq=seq)  # fmt: skip
+            n = reply.num_accepted
+            more_before = result.more_candidate_requests
+            token = self._finish_round(sid, seq, reply, ids, q_rows, gen, result)
+            if not result.token_ids and n + (token is not None) > 0:
+                result.ttft_s = time.perf_counter() - start
+            result.rounds += 1
+            result.num_drafted += len(ids)
+            result.num_accepted += n
+            result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
+            committed.extend(ids[:n])
+            done = (n > 0 and ids[n - 1] == eos) or token is None or token == eos
+            if not done:
+                committed.append(token)
+            done = done or len(committed) >= s.max_new_tokens
+            result.token_ids = committed
+            if done:
+                break
+            # Crop to the accepted prefix (x_k was never fed) and feed what the draft has not seen.
+            fed = len(ids) - 1
+            keep_n = min(n, fed)
+            draft.rollback(state, base + keep_n)
+            logits = self._compute(draft.forward, state, torch.tensor(ids[keep_n:n] + [token]))[-1]
+            last_token = token
+            seq += 1
+        self.transport.send(Close(sid))
+        result.token_ids = committed[: s.max_new_tokens]
+        result.text = draft.decode(result.token_ids)
+        result.latency_s = time.perf_counter() - start
+        result.device_busy_s, result.device_idle_s = self._busy, self._idle
+        result.traffic = self.transport.traffic
+        return result
+
+    def _draft_block(
+        self, state, logits: torch.Tensor, k: int, gen: torch.Generator
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Draft up to k tokens (stopping after EOS). Returns ids, q rows [len, V], the last logits."""
+        s = self.settings
+        ids: list[int] = []
+        rows: list[torch.Tensor] = []
+        for i in range(k):
+            q = probs_from_logits(logits.float(), s.temperature, s.top_p)  # [V]
+            x = int(torch.argmax(logits)) if s.temperature == 0 else int(sample(q, gen))
+            ids.append(x)
+            rows.append(q)
+            if x == self.draft.eos_token_id or i == k - 1:
+                break
+            logits = self.draft.forward(state, torch.tensor([x]))[-1]
+        return ids, torch.stack(rows), logits
+
+    def _finish_round(
+        self, sid: str, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
+        gen: torch.Generator, result: RequestResult,
+    ) -> int | None:  # fmt: skip
+        """The token committed after the accepted drafts, or None when the round ended on EOS."""
+        s = self.settings
+        n = reply.num_accepted
+        if n > 0 and ids[n - 1] == self.draft.eos_token_id:
+            return None
+        if reply.token >= 0:
+            return reply.token
+        greedy = s.temperature == 0
+        if reply.target_dists:
+            p = torch.from_numpy(np.array(bytes_to_probs(reply.target_dists, rows=None)))
+            p = p.view(-1, self.draft.vocab_size)
+            row = p[n] if p.shape[0] > 1 else p[0]  # vanilla ships k+1 rows, dssd the rejected one
+            if greedy:
+                return int(torch.argmax(row))
+            if n == len(ids):  # vanilla, all accepted: the bonus is a draw from p_{k+1}
+                return int(sample(row, gen))
+            return self._compute(correct_from_residual, row, q_rows[n], gen)
+        # covspec sampling: accept candidate y with probability max(0, 1 - q(y)/p(y)); ask for more if all refused.
+        while True:
+            cand_p = torch.from_numpy(np.array(bytes_to_probs(reply.candidate_probs)))
+            token = correct_from_candidates(torch.tensor(reply.candidate_ids), cand_p, q_rows[n], gen)
+            if token is not None:
+                return int(token)
+            result.more_candidate_requests += 1
+            self.transport.send(MoreCandidates(sid, seq))
+            reply = self._wait(VerifyResponse)
+            if reply.target_dists:  # the edge gave up on candidates and sent the full row
+                row = torch.from_numpy(np.array(bytes_to_probs(reply.target_dists)))
+                return self._compute(correct_from_residual, row, q_rows[n], gen)
+
+
+def describe_error(err: Exception) -> str:
+    if isinstance(err, ProtocolError):
+        return f"{err.code}: {err.message}"
+    return str(err)

@@ -1,0 +1,112 @@
+"""Composition: build the Edge, a Device and its link from a ``Config`` and run requests in one process."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from covspec.config import Config
+from covspec.inputs import check_question
+from covspec.models.base import VLMAdapter
+from covspec.models.loading import load_adapter
+from covspec.protocol import Link, LinkProfile
+from covspec.runtime.device import ALL_METHODS, Device, DeviceSettings, RequestResult
+from covspec.runtime.edge import Edge
+from covspec.runtime.transport import InProcessTransport
+
+_NO_LIMIT_MBPS = math.inf
+
+
+def link_profile(cfg: Config) -> LinkProfile:
+    """The emulated link of ``cfg.link``."""
+    link = cfg.link
+    return LinkProfile(
+        rtt_ms=link.rtt_ms,
+        jitter_ms=link.jitter_ms,
+        up_mbps=link.up_mbps,
+        down_mbps=link.down_mbps,
+        loss=link.loss,
+        compute_slowdown=link.compute_slowdown,
+    )
+
+
+def colocated_profile() -> LinkProfile:
+    """Zero latency, unlimited bandwidth: device and edge on one machine."""
+    return LinkProfile(rtt_ms=0.0, jitter_ms=0.0, up_mbps=_NO_LIMIT_MBPS, down_mbps=_NO_LIMIT_MBPS, loss=0.0)
+
+
+def device_settings(cfg: Config, method: str) -> DeviceSettings:
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    return DeviceSettings(
+        method=method,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        temperature=cfg.generation.temperature,
+        top_p=cfg.generation.top_p,
+        gamma=cfg.drafting.gamma,
+        num_candidates=cfg.verification.num_candidates,
+        seed=cfg.seed,
+        compute_slowdown=cfg.link.compute_slowdown,
+    )
+
+
+def check_pair(target: VLMAdapter, draft: VLMAdapter) -> None:
+    """Draft and target must share the tokenizer (same vocabulary, same ids)."""
+    from covspec.errors import InputError
+
+    if target.vocab_size != draft.vocab_size or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise InputError(
+            f"models.draft.path and models.target.path have different tokenizers "
+            f"({draft.vocab_size} vs {target.vocab_size} tokens): speculative decoding needs a shared vocabulary"
+        )
+
+
+@dataclass
+class LocalEngine:
+    """A target, a draft and an Edge in one process; each request gets a fresh device link."""
+
+    cfg: Config
+    target: VLMAdapter
+    draft: VLMAdapter
+    edge: Edge
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LocalEngine:
+        torch.set_num_threads(cfg.threads)
+        m = cfg.models
+        target = load_adapter(m.target.path, m.target.dtype, m.target.device, key="models.target.path")
+        draft = load_adapter(m.draft.path, m.draft.dtype, m.draft.device, key="models.draft.path")
+        check_pair(target, draft)
+        return cls(cfg, target, draft, Edge(target))
+
+    def run(
+        self,
+        method: str,
+        image: Image.Image,
+        question: str,
+        profile: LinkProfile | None = None,
+        link_seed: int = 0,
+        keep: torch.Tensor | None = None,
+    ) -> RequestResult:
+        """One request with ``method`` over a link of ``profile`` (``cfg.link`` by default)."""
+        question = check_question(question, self.draft.tokenizer)
+        settings = device_settings(self.cfg, method)
+        if method == "draft_only":
+            return Device(self.draft, None, settings).run(image, question, keep)
+        transport = InProcessTransport(self.edge.handle, Link(profile or link_profile(self.cfg), seed=link_seed))
+        try:
+            return Device(self.draft, transport, settings).run(image, question, keep)
+        finally:
+            transport.close()
+
+
+def run_one(cfg: Config, method: str, image: Image.Image, question: str) -> RequestResult:
+    """Load the pair of ``cfg`` and answer one question with ``method`` (``covspec generate --method``)."""
+    from covspec.errors import ConfigError
+
+    if method not in ALL_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    return LocalEngine.from_config(cfg).run(method, image, question)
