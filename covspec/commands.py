@@ -90,7 +90,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                   f" on shapes/{cfg.data.split}, {len(samples)} samples")  # fmt: skip
     for col in ("kind", "n", "exact match", "token F1"):
         table.add_column(col, justify="right" if col != "kind" else "left")
-    rows = sorted(by_kind.items()) + [("all", [x for v in by_kind.values() for x in v])]
+    rows = [*sorted(by_kind.items()), ("all", [x for v in by_kind.values() for x in v])]
     for kind, scores in rows:
         n = len(scores)
         table.add_row(kind, str(n), f"{sum(s[0] for s in scores) / n:.1%}", f"{sum(s[1] for s in scores) / n:.3f}")

@@ -31,7 +31,9 @@ from covspec.runtime.engine import LocalEngine
 
 PROJECTED_VOCAB = 151_936  # Qwen2.5-VL
 HF_PEER = "hf_assisted"
-HF_SETTINGS = "transformers assisted generation, greedy, default assistant schedule (heuristic, 20 tokens, threshold 0.4)"
+HF_SETTINGS = (
+    "transformers assisted generation, greedy, default assistant schedule (heuristic, 20 tokens, threshold 0.4)"
+)
 
 
 @dataclass
@@ -95,8 +97,13 @@ def hf_assisted(engine: LocalEngine, sample, max_new_tokens: int) -> dict[str, A
     hook = target.model.register_forward_pre_hook(count)
     try:
         start = time.perf_counter()
-        out = target.model.generate(input_ids=inputs.input_ids[None], pixel_values=inputs.pixel_values,
-                                    assistant_model=draft.model, do_sample=False, max_new_tokens=max_new_tokens)  # fmt: skip
+        out = target.model.generate(
+            input_ids=inputs.input_ids[None],
+            pixel_values=inputs.pixel_values,
+            assistant_model=draft.model,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )
         latency = time.perf_counter() - start
     finally:
         hook.remove()
@@ -169,7 +176,7 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
     finally:
         if sink:
             sink.close()
-    for name, s in stats.items():
+    for _name, s in stats.items():
         for row in s.rows:
             ref = reference.get(row["sample_id"])
             row["matches_target_only"] = None if ref is None else row["token_ids"] == ref
@@ -244,7 +251,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
         ("bound", "bound_speedup", ".2f"), ("acc.len", "mean_accepted_length", ".2f"),
         ("accept", "acceptance_rate", ".2f"), ("B/tok", "decoding_bytes_per_token", ".1f"),
         ("vs vanilla", "reduction_vs_vanilla", ".2%"), ("B/tok@152k*", "projected_bytes_per_token", ".0f"),
-        ("vs vanilla@152k*", "projected_reduction_vs_vanilla", ".3%"), ("upload B/req", "upload_bytes_per_request", ".0f"),
+        ("vs vanilla@152k*", "projected_reduction_vs_vanilla", ".3%"),
+        ("upload B/req", "upload_bytes_per_request", ".0f"),
         ("EM", "exact_match", ".1%"), ("=target", "identical_to_target_only", ".0%"),
         ("p50 s", "latency_p50_s", ".3f"), ("p95 s", "latency_p95_s", ".3f"),
     ]  # fmt: skip

@@ -18,3 +18,14 @@ def write_yaml(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def toy_pair():
+    """The shipped toy (target, draft) adapters, loaded once per test session."""
+    import torch
+
+    from covspec.models.loading import load_adapter
+
+    torch.set_num_threads(1)
+    return load_adapter("toy-target"), load_adapter("toy-draft", key="models.draft.path")

@@ -90,7 +90,7 @@ def test_pruned_prefill_keeps_original_positions():
     inputs = adapter.prepare(sample.image(), sample.question)
     n = inputs.num_visual_tokens
     full_state, full_logits = adapter.prefill(inputs)
-    all_state, all_logits = adapter.prefill(inputs, keep=torch.arange(n))
+    _all_state, all_logits = adapter.prefill(inputs, keep=torch.arange(n))
     torch.testing.assert_close(full_logits, all_logits, atol=1e-5, rtol=1e-5)
     half_state, _ = adapter.prefill(inputs, keep=torch.arange(0, n, 2))
     assert half_state.seq_len == full_state.seq_len

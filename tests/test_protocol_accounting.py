@@ -63,7 +63,6 @@ def round_messages(mode, k, num_accepted, vocab, *, sampling, m, seq, committed,
             candidate_ids=[tok] * cands,
             candidate_probs=f32s(cands),
             target_dists=f32s(rows * vocab),
-            finished=False,
         )
 
     down = [reply(token, cands, rows)]

@@ -59,7 +59,12 @@ def open_session(**overrides) -> OpenSession:
 
 def request(**overrides) -> VerifyRequest:
     fields = dict(
-        session_id=SID, seq=2, draft_ids=[5, 6, 7], draft_probs=f32(0.5, 1.0, 0.25), draft_dists=b"", committed_len=9,
+        session_id=SID,
+        seq=2,
+        draft_ids=[5, 6, 7],
+        draft_probs=f32(0.5, 1.0, 0.25),
+        draft_dists=b"",
+        committed_len=9,
         last_token=4,
     )
     return VerifyRequest(**{**fields, **overrides})
@@ -74,7 +79,6 @@ def response(**overrides) -> VerifyResponse:
         candidate_ids=[8, 9],
         candidate_probs=f32(0.3, 0.125),
         target_dists=b"",
-        finished=False,
     )
     return VerifyResponse(**{**fields, **overrides})
 
@@ -87,7 +91,7 @@ ALL_MESSAGES = [
     Close(session_id=SID),
     SessionOpened(session_id=SID, vocab_size=V),
     response(),
-    response(candidate_ids=[], candidate_probs=b"", token=4, target_dists=dists(1), finished=True),
+    response(candidate_ids=[], candidate_probs=b"", token=4, target_dists=dists(1)),
     TokenChunk(session_id=SID, seq=0, token_ids=[1, 2, 49], finished=True),
     ErrorReply(session_id="", seq=-1, code="malformed", message="bad frame"),
 ]

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from covspec.models.llava import LlavaAdapter
@@ -39,7 +46,7 @@ TINY_SPECS: tuple[TinySpec, ...] = (
 )
 
 
-def tiny_llava(spec: TinySpec = TinySpec(), seed: int = 0) -> LlavaAdapter:  # noqa: B008
+def tiny_llava(spec: TinySpec = TinySpec(), seed: int = 0) -> LlavaAdapter:
     """A random-weight LLaVA adapter of shape ``spec``, deterministic in ``seed``."""
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(

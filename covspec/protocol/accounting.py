@@ -227,14 +227,13 @@ def verify_response_bytes(
     seq: int = 0,
     id_bytes: int | None = None,
     session_id_len: int = SESSION_ID_LEN,
-    finished: bool = False,
 ) -> int:
     """VerifyResponse to a block of k with ``num_accepted`` accepted (``more``: the answer to MoreCandidates).
 
     What it carries follows the conventions: vanilla_sd always k+1 rows of p and token -1; otherwise the bonus
     when all are accepted; on a rejection dssd sends token -1 plus p at the rejected position (V floats, greedy or
     not, as DSSD does); covspec sends the corrected token (greedy) or token -1 plus ``num_candidates`` candidates
-    with their p. Trailing empty fields (and ``finished=False``) are omitted from the frame.
+    with their p. Trailing empty fields are omitted from the frame.
     """
     if more and mode != "covspec":
         raise ValueError(f"MoreCandidates exists in covspec mode only, not {mode}")
@@ -247,16 +246,15 @@ def verify_response_bytes(
         token_bytes, rows = 1, 1
     elif more or (rejected and sampling):
         token_bytes, m = 1, num_candidates
-    # optional fields in order: candidate_ids, candidate_probs, target_dists, finished (None = default, omitted)
+    # optional fields in order: candidate_ids, candidate_probs, target_dists (None = default, omitted)
     tail = [
         array_header_bytes(m) + m * ib if m else None,
         bin_bytes(4 * m) if m else None,
         bin_bytes(4 * rows * vocab_size) if rows else None,
-        1 if finished else None,
     ]
     while tail and tail[-1] is None:
         tail.pop()
-    defaults = [array_header_bytes(0), bin_bytes(0), bin_bytes(0), 1]
+    defaults = [array_header_bytes(0), bin_bytes(0), bin_bytes(0)]
     return (
         _frame(4 + len(tail))
         + str_bytes(session_id_len)

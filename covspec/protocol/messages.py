@@ -1,7 +1,7 @@
 """Wire messages between a device (draft VLM) and the edge (target VLM): typed structs, one binary frame each.
 
 Frame layout: one byte of protocol version, then one msgpack array ``[tag, *fields]``; trailing fields that hold
-their default (empty payloads, ``finished=False``) are omitted, which is why the optional payloads come last. The structs are msgspec
+their default (empty payloads) are omitted, which is why the optional payloads come last. The structs are msgspec
 ``array_like`` structs with a small integer tag, so field names never travel; the field order *is* the wire
 format (reordering, adding or removing a field means bumping ``PROTOCOL_VERSION``). The version byte sits outside
 the msgpack body so that a peer speaking another version gets a clear ``version`` error before any field is read.
@@ -178,7 +178,6 @@ class VerifyResponse(_Message, tag=6):
     candidate_ids: list[TokenId] = []  # [m] covspec: candidates drawn from p at the rejected position
     candidate_probs: bytes = b""  # float32 [m]: p(y) of each candidate
     target_dists: bytes = b""  # float32 [1, V] (dssd) or [k+1, V] (vanilla_sd); empty otherwise
-    finished: bool = False  # the edge ends the session (EOS or max_new_tokens reached on its side)
 
 
 class TokenChunk(_Message, tag=7):

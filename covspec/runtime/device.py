@@ -253,8 +253,9 @@ class Device:
             result.num_drafted += len(ids)
             result.num_accepted += n
             result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
-            committed.extend(ids[:n])
-            done = (n > 0 and ids[n - 1] == eos) or token is None or token == eos
+            hit_eos = n > 0 and ids[n - 1] == eos
+            committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
+            done = hit_eos or token is None or token == eos
             if not done:
                 committed.append(token)
             done = done or len(committed) >= s.max_new_tokens
@@ -265,7 +266,7 @@ class Device:
             fed = len(ids) - 1
             keep_n = min(n, fed)
             draft.rollback(state, base + keep_n)
-            logits = self._compute(draft.forward, state, torch.tensor(ids[keep_n:n] + [token]))[-1]
+            logits = self._compute(draft.forward, state, torch.tensor([*ids[keep_n:n], token]))[-1]
             last_token = token
             seq += 1
         self.transport.send(Close(sid))

@@ -254,7 +254,6 @@ class Edge:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
         # -- all checks passed: from here on the session changes.
         draft_ids = torch.tensor(msg.draft_ids)
-        k = len(msg.draft_ids)
         prefix = [] if msg.last_token < 0 else [msg.last_token]
         base_len = s.state.seq_len
         logits = self.target.forward(s.state, torch.tensor(prefix + msg.draft_ids))  # [c + k, V]
@@ -268,14 +267,12 @@ class Edge:
             q = self._draft_probs(s, msg, draft_ids)
             result = verify_sampling(draft_ids, q, p, s.generator)
             num_accepted, rejected = result.num_accepted, result.rejected
-        hit_eos = num_accepted > 0 and msg.draft_ids[num_accepted - 1] == eos
         s.committed.extend(prefix + msg.draft_ids[:num_accepted])
         self.target.rollback(s.state, base_len + len(prefix) + num_accepted)
         s.last_logits = rows[num_accepted]
         s.seq += 1
         s.more_requests = 0
-        finished = hit_eos or len(s.committed) >= s.max_new_tokens
-        return self._verdict(s, msg, p, num_accepted, rejected, finished)
+        return self._verdict(s, msg, p, num_accepted, rejected)
 
     def _draft_probs(self, s: Session, msg: VerifyRequest, draft_ids: torch.Tensor) -> torch.Tensor:
         if s.method == "vanilla_sd":
@@ -284,7 +281,7 @@ class Edge:
         return torch.from_numpy(np.array(bytes_to_probs(msg.draft_probs)))
 
     def _verdict(
-        self, s: Session, msg: VerifyRequest, p: torch.Tensor, n: int, rejected: bool | None, finished: bool
+        self, s: Session, msg: VerifyRequest, p: torch.Tensor, n: int, rejected: bool | None
     ) -> VerifyResponse:
         """The reply for ``n`` accepted drafts; records what the device may commit next."""
         k = len(msg.draft_ids)
@@ -312,7 +309,7 @@ class Edge:
             cand_ids, cand_probs = ids.tolist(), probs_to_bytes(vals)
             expected.candidates, expected.p_row = set(cand_ids), row
         s.expected = expected
-        return VerifyResponse(s.session_id, msg.seq, n, token, cand_ids, cand_probs, dists, finished)
+        return VerifyResponse(s.session_id, msg.seq, n, token, cand_ids, cand_probs, dists)
 
     def _more_candidates(self, s: Session, msg: MoreCandidates) -> VerifyResponse:
         check_against(msg, self.vocab_size, mode=s.method, expected_seq=s.seq - 1)
@@ -322,10 +319,10 @@ class Edge:
         s.more_requests += 1
         if s.more_requests >= CANDIDATE_ROUNDS_BEFORE_FULL_ROW:
             # Rare (q ~ p): ship the whole row so the device finishes with residual sampling.
-            return VerifyResponse(s.session_id, msg.seq, 0, -1, [], b"", probs_to_bytes(exp.p_row[None]), False)
+            return VerifyResponse(s.session_id, msg.seq, 0, -1, [], b"", probs_to_bytes(exp.p_row[None]))
         ids, vals = sample_candidates(exp.p_row, s.num_candidates, s.generator)
         exp.candidates.update(ids.tolist())
-        return VerifyResponse(s.session_id, msg.seq, 0, -1, ids.tolist(), probs_to_bytes(vals), b"", False)
+        return VerifyResponse(s.session_id, msg.seq, 0, -1, ids.tolist(), probs_to_bytes(vals), b"")
 
 
 def error_of(msg: Message) -> ErrorReply | None:
