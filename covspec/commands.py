@@ -39,6 +39,7 @@ def _generate(commands: Subparsers) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     image = load_image(args.image)
+    check_question(args.question)  # cheap checks before any model loads
     torch.set_num_threads(cfg.threads)
     if args.method is not None:
         from covspec.runtime.engine import run_one

@@ -289,12 +289,9 @@ class VerificationConfig(_Section):
 
     num_candidates: int = 4
     """m: candidates drawn from p sent back at a rejected position (1..256)."""
-    approximate_topk: bool = False
-    """Send the top-m tokens of p instead of samples (approximate; not lossless)."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "num_candidates"), self.num_candidates, 1, 256)
-        _check_bool(_join(prefix, "approximate_topk"), self.approximate_topk)
 
 
 @dataclass

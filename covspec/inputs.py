@@ -30,7 +30,9 @@ def load_image(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except UnidentifiedImageError as exc:
         raise InputError(f"image file {str(p)!r} is not an image PIL can read") from exc
-    except OSError as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError (broken chunks), DecompressionBombError, ...
         raise InputError(f"image file {str(p)!r} cannot be read: {exc}") from exc
 
 
@@ -46,6 +48,9 @@ def check_question(question: str, tokenizer=None, max_tokens: int = 64) -> str:
     if len(text) > MAX_QUESTION_CHARS:
         raise InputError(f"the question is too long ({len(text)} characters, at most {MAX_QUESTION_CHARS})")
     if tokenizer is not None:
+        special = [t for t in tokenizer.all_special_tokens if t and t in text]
+        if special:
+            raise InputError(f"the question contains the reserved token {special[0]!r}")
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > max_tokens:
             raise InputError(f"the question is too long ({n} tokens, at most {max_tokens})")

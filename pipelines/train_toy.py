@@ -109,12 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of random init")
+    ap.add_argument("--data-offset", type=int, default=0, help="first train-split index (use fresh samples)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     processor = build_processor()
-    model = LlavaForConditionalGeneration(toy_config(args.role, processor.tokenizer))
+    if args.init is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init)
+        previous = json.loads((args.init / "training.json").read_text())
+    else:
+        model = LlavaForConditionalGeneration(toy_config(args.role, processor.tokenizer))
+        previous = {}
     model.generation_config = GenerationConfig(
         bos_token_id=processor.tokenizer.bos_token_id,
         eos_token_id=processor.tokenizer.eos_token_id,
@@ -135,10 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     kinds, weights = zip(*TRAIN_KIND_WEIGHTS.items(), strict=True)
     val = load_split("val", args.eval_samples, seed=args.seed)
-    index = 0
-    started = time.time()
-    meta = {"role": args.role, "steps": args.steps, "batch_size": args.batch_size, "lr": lr, "seed": args.seed,
-            "kind_weights": TRAIN_KIND_WEIGHTS}  # fmt: skip
+    index = args.data_offset
+    started = time.time() - previous.get("train_seconds", 0.0)  # wall time accumulates across continuations
+    meta = {
+        "role": args.role,
+        "continued_from": previous.get("trained_steps", 0),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": lr,
+        "seed": args.seed,
+        "data_offset": args.data_offset,
+        "kind_weights": TRAIN_KIND_WEIGHTS,
+    }
     for step in range(args.steps):
         batch_samples = []
         for _ in range(args.batch_size):
@@ -157,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"elapsed {time.time() - started:.0f}s", flush=True)  # fmt: skip
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             report = evaluate(model, processor, val)
-            meta.update(trained_steps=step + 1, train_seconds=round(time.time() - started, 1), val=report)
+            meta.update(
+                trained_steps=previous.get("trained_steps", 0) + step + 1,
+                train_seconds=round(time.time() - started, 1),
+                val=report,
+            )
             save(model, processor, args.out, meta)
             summary = " ".join(f"{k}={v['exact_match']:.2f}/{v['token_acc']:.3f}" for k, v in report.items())
             print(f"[{args.role}] eval step {step + 1}: {summary}", flush=True)

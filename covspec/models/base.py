@@ -28,6 +28,9 @@ class PromptInputs:
     pixel_values: torch.Tensor  # [1, 3, H, W] (family-specific layout)
     image_mask: torch.Tensor  # [L] bool, True at visual token positions
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. image_grid_thw)
+    visual_features: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """[N, H] projected visual tokens, memoized by the adapter's ``visual_features`` (a pruner scores them, then
+    the pruned prefill reuses them: the vision tower runs once per request)."""
 
     @property
     def num_visual_tokens(self) -> int:
@@ -60,6 +63,10 @@ class VLMAdapter(Protocol):
 
     def prepare_from_ids(self, image: Image.Image, prompt_ids: list[int]) -> PromptInputs:
         """Inputs for already-tokenized prompt ids (the edge receives ids, not text)."""
+        ...
+
+    def visual_features(self, inputs: PromptInputs) -> torch.Tensor:
+        """Projected visual tokens in the language model's space: [N, H] (memoized on ``inputs``)."""
         ...
 
     def embed(self, inputs: PromptInputs) -> torch.Tensor:

@@ -87,9 +87,11 @@ class LlavaAdapter:
 
     @torch.inference_mode()
     def visual_features(self, inputs: PromptInputs) -> torch.Tensor:
-        """Projected visual tokens in the language model's space: [N, H]."""
-        out = self.model.model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
+        """Projected visual tokens in the language model's space: [N, H], computed once per ``inputs``."""
+        if inputs.visual_features is None:
+            out = self.model.model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True)
+            inputs.visual_features = torch.cat(list(out.pooler_output), dim=0)
+        return inputs.visual_features
 
     @torch.inference_mode()
     def embed(self, inputs: PromptInputs) -> torch.Tensor:

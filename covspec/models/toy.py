@@ -23,7 +23,6 @@ PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
 PATCH_SIZE = 8
 NUM_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144
-MAX_QUESTION_WORDS = 32
 
 # The prompt: "<bos>USER: <image>*144 What color is the circle? ASSISTANT:"; bos comes from the
 # tokenizer's post-processor, the image placeholders from the processor's expansion of <image>.

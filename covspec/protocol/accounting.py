@@ -163,11 +163,14 @@ def open_session_bytes(
     max_new_tokens: int,
     seed: int,
     num_candidates: int,
+    keep: Iterable[int] = (),
     session_id_len: int = SESSION_ID_LEN,
 ) -> int:
-    """OpenSession (temperature and top_p are float64 on the wire: 9 bytes each)."""
+    """OpenSession (temperature and top_p are float64 on the wire: 9 bytes each); ``keep``: the kept visual token
+    indices of the lossy prune-target mode (an empty list is omitted from the frame)."""
+    keep = list(keep)
     return (
-        _frame(10)
+        _frame(11 if keep else 10)
         + str_bytes(session_id_len)
         + str_bytes(len(method))
         + ids_bytes(prompt_ids)
@@ -178,6 +181,7 @@ def open_session_bytes(
         + int_bytes(max_new_tokens)
         + int_bytes(seed)
         + int_bytes(num_candidates)
+        + (ids_bytes(keep) if keep else 0)
     )
 
 

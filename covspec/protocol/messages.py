@@ -132,6 +132,9 @@ class OpenSession(_Message, tag=1):
     seed: int
     num_candidates: Annotated[int, msgspec.Meta(ge=1, lt=2**31)]
     """m: candidates per covspec correction."""
+    keep: list[Count] = []
+    """Lossy ``pruning.prune_target`` mode only: sorted indices of the visual tokens (0..N-1, N the image placeholders
+    in ``prompt_ids``) the target prefills with; empty (the default, omitted from the frame): every token."""
 
 
 class VerifyRequest(_Message, tag=2):
@@ -348,6 +351,13 @@ def _check_open(msg: OpenSession, limits: Limits) -> None:
     magic = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}[msg.image_format]
     if not msg.image.startswith(magic):
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"image does not start with the {msg.image_format} signature")
+    _check_count("len(keep)", len(msg.keep), limits.max_prompt_len)
+    bad = next((i for i in range(1, len(msg.keep)) if msg.keep[i] <= msg.keep[i - 1]), None)
+    if bad is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD, f"keep must be strictly increasing, got keep[{bad - 1}:{bad + 1}] = "
+            f"{list(msg.keep[bad - 1 : bad + 1])}"
+        )
 
 
 def _check_verify_request(msg: VerifyRequest, limits: Limits) -> None:

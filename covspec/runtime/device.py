@@ -11,8 +11,10 @@ One speculative round (gpt-fast shape), for vanilla_sd, dssd and covspec:
 4. Crop the draft cache to the accepted prefix and feed the rest (x_k if all were accepted, and the
    new token) in one forward.
 
-Seams for later issues: ``keep`` (visual token pruning) goes to the draft prefill; ``DraftPolicy``
-chooses the block length (fixed here).
+Visual token pruning: a ``Pruner`` (``covspec.pruning``) picks the visual tokens the draft prefills with, on the
+device, timed as ``pruner_s`` (device busy time); ``run(..., keep=...)`` overrides it. With
+``settings.prune_target`` the target prefills with the same tokens (lossy: results are labelled ``lossy``).
+Seam for later issues: ``DraftPolicy`` chooses the block length (fixed here).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from PIL import Image
 from covspec.decoding.autoregressive import generate
 from covspec.decoding.sampling import probs_from_logits, sample
 from covspec.decoding.verify import correct_from_candidates, correct_from_residual
-from covspec.models.base import VLMAdapter
+from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
     Close,
     ErrorReply,
@@ -47,6 +49,7 @@ from covspec.protocol import (
     new_session_id,
     probs_to_bytes,
 )
+from covspec.pruning import Pruner
 from covspec.runtime.transport import Transport
 
 SPECULATIVE_METHODS = ("vanilla_sd", "dssd", "covspec")
@@ -70,6 +73,18 @@ class DeviceSettings:
     seed: int = 0
     compute_slowdown: float = 1.0  # >1 emulates a slower device: draft compute is stretched by this factor
     reply_timeout_s: float = 120.0
+    # Adaptive drafting and parallel branching (covspec.runtime.pipeline; docs/drafting.md).
+    policy: str = "fixed"  # fixed: gamma tokens per block; adaptive: confidence stop + cost-model controller
+    gamma_min: int = 1
+    gamma_max: int = 12
+    threshold: float = 0.4  # confidence stop: end a block after a token drafted with top probability below this
+    branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
+    prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether requests go through the pipelined loop instead of the fixed-gamma one."""
+        return self.policy == "adaptive" or self.branch_budget > 0
 
 
 @dataclass
@@ -89,8 +104,14 @@ class RequestResult:
     device_idle_s: float = 0.0
     visual_tokens_kept: int = 0
     visual_tokens: int = 0
+    draft_prefill_s: float = 0.0  # vision tower + draft LM prefill
+    pruner_s: float = 0.0  # scoring and selection of the visual tokens (vision tower excluded: it is shared)
+    lossy: bool = False  # the target saw a pruned image too (prune_target): output need not match target_only
     traffic: TrafficCounter = field(default_factory=TrafficCounter)
     round_log: list[Round] = field(default_factory=list)
+    branch_hits: int = 0  # rounds whose next block started from a branch drafted during the wait
+    branch_misses: int = 0  # rounds (with branching on) where no branch matched the verdict
+    tokens_reused: int = 0  # drafts taken from matching branches into later blocks
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +121,8 @@ class RequestResult:
         """Flat per-request metrics (the JSONL fields besides ids and text)."""
         t = self.traffic
         rounds = max(self.rounds, 1)
+        device_s = self.device_busy_s + self.device_idle_s
+        branch_rounds = self.branch_hits + self.branch_misses
         return {
             "num_tokens": self.num_tokens,
             "latency_s": self.latency_s,
@@ -116,8 +139,17 @@ class RequestResult:
             "bytes_by_type": {k: v for k, v in t.to_dict().items() if k.endswith(".bytes")},
             "device_busy_s": self.device_busy_s,
             "device_idle_s": self.device_idle_s,
+            "device_idle_fraction": self.device_idle_s / device_s if device_s > 0 else None,
+            "block_lengths": [r.k for r in self.round_log],
+            "branch_hits": self.branch_hits,
+            "branch_misses": self.branch_misses,
+            "branch_hit_rate": self.branch_hits / branch_rounds if branch_rounds else None,
+            "tokens_reused": self.tokens_reused,
             "visual_tokens": self.visual_tokens,
             "visual_tokens_kept": self.visual_tokens_kept,
+            "draft_prefill_s": self.draft_prefill_s,
+            "pruner_s": self.pruner_s,
+            "lossy": self.lossy,
         }
 
 
@@ -130,14 +162,22 @@ def png_bytes(image: Image.Image) -> bytes:
 class Device:
     """A device with a draft model; ``run`` answers one question about one image with ``settings.method``."""
 
-    def __init__(self, draft: VLMAdapter | None, transport: Transport | None, settings: DeviceSettings) -> None:
+    def __init__(
+        self,
+        draft: VLMAdapter | None,
+        transport: Transport | None,
+        settings: DeviceSettings,
+        pruner: Pruner | None = None,
+    ) -> None:
         if settings.method not in ALL_METHODS:
             raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}, got {settings.method!r}")
         self.draft = draft
         self.transport = transport
         self.settings = settings
+        self.pruner = pruner
         self._busy = 0.0
         self._idle = 0.0
+        self._timing = (0.0, 0.0)  # (pruner_s, vision tower share of the prefill) of the request in progress
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -164,6 +204,28 @@ class Device:
                 raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
             check_against(msg, self.draft.vocab_size if self.draft else msg.vocab_size)
 
+    def _prune(self, inputs: PromptInputs, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """``keep`` if given, else the pruner's choice. The vision tower, which the prefill needs anyway, runs first
+        and is counted as prefill; the scoring and selection are the pruner's overhead. Both are busy time."""
+        self._timing = (0.0, 0.0)
+        if keep is not None or self.pruner is None:
+            return keep
+        n = inputs.num_visual_tokens
+        if self.pruner.count(n) >= n:
+            return None
+        t = time.perf_counter()
+        self._compute(self.draft.visual_features, inputs)  # memoized on inputs: the pruned prefill reuses it
+        vision = time.perf_counter() - t
+        t = time.perf_counter()
+        keep = self._compute(self.pruner.select, self.draft, inputs)
+        self._timing = (time.perf_counter() - t, vision)
+        return keep
+
+    def _prefill(self, inputs: PromptInputs, keep: torch.Tensor | None) -> tuple[DecodeState, torch.Tensor, float]:
+        t = time.perf_counter()
+        state, logits = self._compute(self.draft.prefill, inputs, keep)
+        return state, logits, time.perf_counter() - t + self._timing[1]
+
     # -- methods -------------------------------------------------------------------------------
 
     def run(self, image: Image.Image, question: str, keep: torch.Tensor | None = None) -> RequestResult:
@@ -181,17 +243,22 @@ class Device:
     def _draft_only(self, image: Image.Image, question: str, keep: torch.Tensor | None) -> RequestResult:
         s = self.settings
         inputs = self.draft.prepare(image, question)
+        start = time.perf_counter()
+        keep = self._prune(inputs, keep)
+        pruning = time.perf_counter() - start  # part of this request's compute: latency counts it
         gen = torch.Generator().manual_seed(s.seed)
         out = self._compute(generate, self.draft, inputs, s.max_new_tokens, s.temperature, s.top_p, gen, keep)
-        return RequestResult("draft_only", out.token_ids, self.draft.decode(out.token_ids), out.latency_s,
-                             out.ttft_s, device_busy_s=self._busy, visual_tokens=inputs.num_visual_tokens,
-                             visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep))  # fmt: skip
+        return RequestResult("draft_only", out.token_ids, self.draft.decode(out.token_ids), out.latency_s + pruning,
+                             out.ttft_s + pruning, device_busy_s=self._busy, visual_tokens=inputs.num_visual_tokens,
+                             visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep),
+                             pruner_s=self._timing[0])  # fmt: skip
 
-    def _open(self, image: Image.Image, prompt_ids: list[int], method: str) -> str:
+    def _open(self, image: Image.Image, prompt_ids: list[int], method: str, keep: torch.Tensor | None = None) -> str:
         s = self.settings
         sid = new_session_id()
         self.transport.send(OpenSession(sid, method, prompt_ids, png_bytes(image), "png", s.temperature, s.top_p,
-                                        s.max_new_tokens, s.seed, s.num_candidates))  # fmt: skip
+                                        s.max_new_tokens, s.seed, s.num_candidates,
+                                        [] if keep is None else keep.tolist()))  # fmt: skip
         return sid
 
     def _target_only(self, image: Image.Image, question: str) -> RequestResult:
@@ -225,10 +292,21 @@ class Device:
         eos = draft.eos_token_id
         gen = torch.Generator().manual_seed(s.seed + 1)
         inputs = draft.prepare(image, question)
-        sid = self._open(image, inputs.input_ids.tolist(), s.method)
-        state, logits = self._compute(draft.prefill, inputs, keep)
+        if s.prune_target:  # the edge needs the kept tokens in the upload
+            keep = self._prune(inputs, keep)
+            sid = self._open(image, inputs.input_ids.tolist(), s.method, keep)
+        else:  # upload first: pruning and prefill overlap with it
+            sid = self._open(image, inputs.input_ids.tolist(), s.method)
+            keep = self._prune(inputs, keep)
+        state, logits, prefill_s = self._prefill(inputs, keep)
         result = RequestResult(s.method, [], "", 0.0, 0.0, visual_tokens=inputs.num_visual_tokens,
-                               visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep))  # fmt: skip
+                               visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep),
+                               draft_prefill_s=prefill_s, pruner_s=self._timing[0],
+                               lossy=s.prune_target and keep is not None)  # fmt: skip
+        if s.pipelined:  # adaptive drafting / parallel branching (covspec.runtime.pipeline); below: fixed gamma
+            from covspec.runtime.pipeline import PipelinedLoop
+
+            return PipelinedLoop(self, state, logits, gen).run(sid, start, result)
         committed: list[int] = []
         last_token = -1
         seq = 0

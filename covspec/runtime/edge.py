@@ -179,8 +179,9 @@ class Edge:
         inputs = self.target.prepare_from_ids(image, list(msg.prompt_ids))
         if inputs.num_visual_tokens == 0:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids hold no image placeholder tokens")
+        keep = self._kept(msg, inputs.num_visual_tokens)
         try:
-            state, logits = self.target.prefill(inputs)
+            state, logits = self.target.prefill(inputs, keep=keep)
         except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {exc}") from exc
         self.stats.forwards += 1
@@ -200,6 +201,18 @@ class Edge:
         yield SessionOpened(msg.session_id, self.vocab_size)
         if msg.method == "target_only":
             yield from self._stream(session)
+
+    def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
+        """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
+        if not msg.keep:
+            return None
+        device_visual = sum(1 for t in msg.prompt_ids if t == self.target.image_token_id)
+        if device_visual != num_visual:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"keep indexes the device's {device_visual} visual tokens, "
+                                f"the target has {num_visual}")  # fmt: skip
+        if msg.keep[-1] >= num_visual or any(b <= a for a, b in zip(msg.keep, msg.keep[1:], strict=False)):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"keep must be sorted distinct indices in [0, {num_visual})")
+        return torch.tensor(msg.keep, dtype=torch.long)
 
     def _stream(self, s: Session) -> Iterator[Message]:
         """target_only: decode to EOS or max_new_tokens, streaming TokenChunks."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -13,6 +13,7 @@ from covspec.inputs import check_question
 from covspec.models.base import VLMAdapter
 from covspec.models.loading import load_adapter
 from covspec.protocol import Link, LinkProfile
+from covspec.pruning import Pruner, build_pruner
 from covspec.runtime.device import ALL_METHODS, Device, DeviceSettings, RequestResult
 from covspec.runtime.edge import Edge
 from covspec.runtime.transport import InProcessTransport
@@ -50,6 +51,13 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
         num_candidates=cfg.verification.num_candidates,
         seed=cfg.seed,
         compute_slowdown=cfg.link.compute_slowdown,
+        # Adaptive drafting and branching are covspec's; the baselines draft fixed blocks, as in their papers.
+        policy=cfg.drafting.policy if method == "covspec" else "fixed",
+        gamma_min=cfg.drafting.gamma_min,
+        gamma_max=cfg.drafting.gamma_max,
+        threshold=cfg.drafting.threshold,
+        branch_budget=cfg.branching.budget if method == "covspec" else 0,
+        prune_target=cfg.pruning.prune_target,
     )
 
 
@@ -66,12 +74,20 @@ def check_pair(target: VLMAdapter, draft: VLMAdapter) -> None:
 
 @dataclass
 class LocalEngine:
-    """A target, a draft and an Edge in one process; each request gets a fresh device link."""
+    """A target, a draft and an Edge in one process; each request gets a fresh device link.
+
+    ``pruner`` defaults to the one ``cfg.pruning`` describes (None for ``method: none``); every Device gets it.
+    """
 
     cfg: Config
     target: VLMAdapter
     draft: VLMAdapter
     edge: Edge
+    pruner: Pruner | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.pruner is None:
+            self.pruner = build_pruner(self.cfg.pruning, self.cfg.seed)
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalEngine:
@@ -95,10 +111,10 @@ class LocalEngine:
         question = check_question(question, self.draft.tokenizer)
         settings = device_settings(self.cfg, method)
         if method == "draft_only":
-            return Device(self.draft, None, settings).run(image, question, keep)
+            return Device(self.draft, None, settings, self.pruner).run(image, question, keep)
         transport = InProcessTransport(self.edge.handle, Link(profile or link_profile(self.cfg), seed=link_seed))
         try:
-            return Device(self.draft, transport, settings).run(image, question, keep)
+            return Device(self.draft, transport, settings, self.pruner).run(image, question, keep)
         finally:
             transport.close()
 

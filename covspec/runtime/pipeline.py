@@ -1,0 +1,308 @@
+"""The pipelined speculative loop: adaptive block lengths and parallel branching (drafting while verifying).
+
+``Device._speculative`` hands a request over here, once the session is open and the draft prefilled, when
+``drafting.policy`` is ``adaptive`` or ``branching.budget > 0``; its own fixed-γ loop stays the baseline. One round:
+
+1. Block: the drafts of the branch that matched last round (if any) come first, then the device drafts until the
+   policy's length γ, the confidence stop (``covspec.decoding.drafting``), EOS or ``max_new_tokens``.
+2. Send it. With branching the device keeps drafting, one forward at a time, and polls the link between forwards:
+   first the main branch (feed x_k, guess the bonus, draft the next block after the guess), then the alternative
+   branches (``covspec.decoding.branching``). With nothing left worth drafting it waits (idle time).
+3. Verdict: the accepted drafts and one more token are committed exactly as in the fixed loop
+   (``Device._finish_round`` does the correction). The policy gets its measurements. The matching branch's cache
+   becomes the live path and its drafts open the next block; on a miss the cache is cropped to the accepted prefix
+   and the rest is fed in one forward, as in the fixed loop.
+
+The draft cache during a round (positions relative to ``base``, the end of the committed prefix): the live path
+is the main path (block, then the main branch) until an alternative is drafted. Then the cache is cut at ``split``
+(the smallest root among the alternatives), the main path's entries from there are kept as one suffix, and each
+alternative at root j is drafted on prefix + main[split:j] + its own tokens, then stored as its suffix from j.
+Only suffixes are ever copied (``covspec.models.kvcache``), never the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from covspec.decoding.branching import Branch, DraftToken, match, plan_alternatives
+from covspec.decoding.drafting import DraftPolicy
+from covspec.decoding.sampling import probs_from_logits, sample
+from covspec.models.kvcache import KVSuffix, graft, take_suffix
+from covspec.protocol import (
+    Close,
+    ErrorReply,
+    Round,
+    SessionOpened,
+    VerifyRequest,
+    VerifyResponse,
+    check_against,
+    probs_to_bytes,
+)
+
+if TYPE_CHECKING:
+    from covspec.models.base import DecodeState
+    from covspec.runtime.device import Device, DeviceSettings, RequestResult
+
+
+def draft_policy(settings: DeviceSettings) -> DraftPolicy:
+    """The drafting policy of one request's settings."""
+    return DraftPolicy(settings.policy, settings.gamma, settings.gamma_min, settings.gamma_max, settings.threshold,
+                       branching=settings.branch_budget > 0)  # fmt: skip
+
+
+@dataclass
+class _Round:
+    """One block in flight and the branches drafted while it is verified."""
+
+    base: int  # seq_len of the committed prefix
+    block: list[DraftToken]
+    block_fed: int  # block tokens in the cache (k - 1 when x_k was not fed yet)
+    main: Branch  # root k; started once its guess of the bonus is fed
+    alts: list[Branch] = field(default_factory=list)
+    split: int | None = None  # where the cache was cut to draft alternatives
+    main_tail: KVSuffix | None = None  # the main path's cache entries from ``split`` on
+    live_alt: Branch | None = None  # the alternative whose tokens are in the cache now
+
+
+def _fed(drafts: list[DraftToken], eos: int) -> int:
+    """Drafts of a branch that are in the cache: all but a final EOS."""
+    return len(drafts) - (1 if drafts and drafts[-1].id == eos else 0)
+
+
+class PipelinedLoop:
+    """One request through the pipelined loop; ``run`` returns its ``RequestResult``."""
+
+    def __init__(self, device: Device, state: DecodeState, logits: torch.Tensor, gen: torch.Generator) -> None:
+        self.device = device
+        self.draft = device.draft
+        self.s = device.settings
+        self.eos = self.draft.eos_token_id
+        self.policy = draft_policy(self.s)
+        self.branching = self.s.branch_budget > 0
+        self.state = state  # the draft's cache, prefilled
+        self.logits = logits  # [V] after the last fed token of the live path
+        self.gen = gen  # the device's randomness: drafts and corrections, as in the fixed loop
+        self.hits = self.misses = self.reused = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, sid: str, start: float, result: RequestResult) -> RequestResult:
+        """Decode the session ``sid`` (opened, draft prefilled) into ``result``; ``start``: the request's start."""
+        d, s, draft = self.device, self.s, self.draft
+        committed: list[int] = []
+        live: list[DraftToken] = []  # drafted during the last wait by the branch that matched
+        last_token, seq = -1, 0
+        while True:
+            rnd = self._block(live, s.max_new_tokens - len(committed))
+            ids = [t.id for t in rnd.block]
+            q_rows = torch.stack([t.q for t in rnd.block])  # [k, V]
+            d.transport.send(VerifyRequest(
+                sid, seq, ids, committed_len=len(committed), last_token=last_token,
+                draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
+                draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
+            ))  # fmt: skip
+            sent = time.perf_counter()
+            reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
+            wait = time.perf_counter() - sent
+            check_against(reply, draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
+                          num_drafted=len(ids), expected_seq=seq)  # fmt: skip
+            n = reply.num_accepted
+            self.policy.observe_round(len(ids), n, wait)
+            more_before = result.more_candidate_requests
+            token = d._finish_round(sid, seq, reply, ids, q_rows, self.gen, result)
+            if not result.token_ids and n + (token is not None) > 0:
+                result.ttft_s = time.perf_counter() - start
+            result.rounds += 1
+            result.num_drafted += len(ids)
+            result.num_accepted += n
+            result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
+            hit_eos = n > 0 and ids[n - 1] == self.eos
+            committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
+            done = hit_eos or token is None or token == self.eos
+            if not done:
+                committed.append(token)
+            done = done or len(committed) >= s.max_new_tokens
+            result.token_ids = committed
+            if done:
+                break
+            live = self._resolve(rnd, n, token)
+            last_token = token
+            seq += 1
+        d.transport.send(Close(sid))
+        result.token_ids = committed[: s.max_new_tokens]
+        result.text = draft.decode(result.token_ids)
+        result.latency_s = time.perf_counter() - start
+        result.device_busy_s, result.device_idle_s = d._busy, d._idle
+        result.traffic = d.transport.traffic
+        result.branch_hits, result.branch_misses, result.tokens_reused = self.hits, self.misses, self.reused
+        return result
+
+    # -- drafting ------------------------------------------------------------------------------
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` to the draft; the next-token logits [V]. Single steps time the controller's c."""
+        t = time.perf_counter()
+        logits = self.device._compute(self.draft.forward, self.state, torch.tensor(ids))[-1]
+        if len(ids) == 1:
+            self.policy.observe_step(time.perf_counter() - t)
+        return logits
+
+    def _draft_token(self, logits: torch.Tensor) -> DraftToken:
+        """Draw one token from ``logits`` [V] (argmax when greedy) with its q row, confidence and second choice."""
+        s = self.s
+        q = probs_from_logits(logits.float(), s.temperature, s.top_p)  # [V]
+        dist = q if s.temperature > 0 else torch.softmax(logits.float(), -1)  # confidence: see drafting.py
+        top_p, top_i = torch.topk(dist, 2)
+        x = top_i[:1] if s.temperature == 0 else sample(q, self.gen)[None]
+        first, second, x_id = torch.cat([top_i, x]).tolist()  # one host sync for the ids
+        p1, p2 = top_p.tolist()
+        if x_id == first:
+            return DraftToken(x_id, q, p1, second, p2)
+        return DraftToken(x_id, q, p1, first, p1)
+
+    def _ends(self, drafts: list[DraftToken], gamma: int) -> bool:
+        """Whether a block (or a branch drafting the next block) ends after its last token."""
+        tok = drafts[-1]
+        return tok.id == self.eos or len(drafts) >= gamma or self.policy.stop_after(len(drafts) - 1, tok.conf)
+
+    def _block(self, live: list[DraftToken], remaining: int) -> _Round:
+        """The next block: ``live`` drafts first, then new ones; what ``live`` holds beyond it seeds the main branch."""
+        gamma = min(self.policy.block_length(), remaining)
+        live_fed = _fed(live, self.eos)
+        base = self.state.seq_len - live_fed
+        block: list[DraftToken] = []
+        for tok in live:
+            block.append(tok)
+            if self._ends(block, gamma):
+                break
+        rest = live[len(block) :]
+        fed = min(len(block), live_fed)
+        if not block or not self._ends(block, gamma):
+            while True:  # live is used up and fully fed: the frontier follows its last token
+                block.append(self._draft_token(self.logits))
+                if self._ends(block, gamma):
+                    break
+                self.logits = self._feed([block[-1].id])
+                fed += 1
+        main = Branch(root=len(block), token=-1)
+        if rest:  # the old branch went on past this block: its next token is a guess of this block's bonus
+            main.token, main.drafts, main.started, main.logits = rest[0].id, rest[1:], True, self.logits
+            main.done = rest[0].id == self.eos
+        return _Round(base=base, block=block, block_fed=fed, main=main)
+
+    # -- while the block is verified -----------------------------------------------------------
+
+    def _overlap(self, rnd: _Round, committed_len: int) -> VerifyResponse:
+        """Draft branches one forward at a time until the verdict arrives; then wait (idle) for it."""
+        for _ in self._branch_work(rnd, committed_len):
+            reply = self._poll()
+            if reply is not None:
+                return reply
+        return self.device._wait(VerifyResponse)
+
+    def _poll(self) -> VerifyResponse | None:
+        """The verdict if it has arrived, else None (never blocks)."""
+        while True:
+            try:
+                msg = self.device.transport.recv(timeout=0)
+            except TimeoutError:
+                return None
+            if isinstance(msg, ErrorReply):
+                from covspec.runtime.device import EdgeError
+
+                raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
+            if isinstance(msg, VerifyResponse):
+                return msg
+            if not isinstance(msg, SessionOpened):
+                from covspec.runtime.device import EdgeError
+
+                raise EdgeError(f"expected VerifyResponse, got {type(msg).__name__}")
+            check_against(msg, self.draft.vocab_size)
+
+    def _branch_work(self, rnd: _Round, committed_len: int) -> Iterator[None]:
+        """The drafting done during a wait, most valuable first; yields after every forward."""
+        max_new = self.s.max_new_tokens
+        depth = self.policy.block_length()
+
+        def room(root: int) -> int:  # how long the block after a bet at ``root`` may be
+            return max_new - (committed_len + root + 1)
+
+        k, main = len(rnd.block), rnd.main
+        if rnd.block[-1].id != self.eos and room(k) > 0:
+            if not main.started:
+                if rnd.block_fed < k:
+                    self.logits = self._feed([rnd.block[-1].id])
+                    rnd.block_fed = k
+                    yield
+                guess = int(torch.argmax(self.logits))
+                if guess != self.eos:
+                    main.token, main.logits, main.started = guess, self._feed([guess]), True
+                    yield
+            if main.started and main.token != self.eos:
+                yield from self._extend(main, min(depth, room(k)))
+        rnd.alts = plan_alternatives(
+            rnd.block, self.s.branch_budget - 1, self.eos, max_root=max_new - committed_len - 1
+        )
+        if not rnd.alts:
+            return
+        rnd.split = min(a.root for a in rnd.alts)
+        rnd.main_tail = take_suffix(self.state, rnd.base + rnd.split)
+        self.draft.rollback(self.state, rnd.base + rnd.split)
+        for alt in rnd.alts:
+            graft(self.state, rnd.main_tail, alt.root - rnd.split)
+            rnd.live_alt = alt
+            alt.logits, alt.started = self._feed([alt.token]), True
+            yield
+            yield from self._extend(alt, min(depth, room(alt.root)))
+            alt.kv = take_suffix(self.state, rnd.base + alt.root)
+            self.draft.rollback(self.state, rnd.base + rnd.split)
+            rnd.live_alt = None
+
+    def _extend(self, branch: Branch, cap: int) -> Iterator[None]:
+        """Draft the next block after ``branch``'s bet, up to ``cap`` tokens, feeding each (not EOS)."""
+        while not branch.done and len(branch.drafts) < cap:
+            tok = self._draft_token(branch.logits)
+            branch.drafts.append(tok)
+            branch.done = self._ends(branch.drafts, cap)
+            if tok.id != self.eos:
+                branch.logits = self._feed([tok.id])
+                yield
+        branch.done = True
+
+    # -- the verdict ---------------------------------------------------------------------------
+
+    def _resolve(self, rnd: _Round, n: int, token: int) -> list[DraftToken]:
+        """Make the cache hold the committed prefix (+ the matching branch); returns the branch's drafts."""
+        base, main = rnd.base, rnd.main
+        hit = match([main, *rnd.alts], n, token)
+        if self.branching:
+            self.hits += hit is not None
+            self.misses += hit is None
+            if rnd.alts and not (main.started and n == main.root and token == main.token):
+                self.policy.observe_alternatives(hit is not None)
+        if hit is main:
+            if rnd.split is not None:
+                self.draft.rollback(self.state, base + rnd.split)
+                graft(self.state, rnd.main_tail)
+        elif hit is not None:
+            if rnd.live_alt is not hit:
+                self.draft.rollback(self.state, base + rnd.split)
+                graft(self.state, rnd.main_tail, hit.root - rnd.split)
+                graft(self.state, hit.kv)
+        else:
+            keep = min(n, rnd.block_fed)
+            if rnd.split is not None and keep > rnd.split:
+                self.draft.rollback(self.state, base + rnd.split)
+                graft(self.state, rnd.main_tail, keep - rnd.split)
+            else:
+                self.draft.rollback(self.state, base + keep)
+            self.logits = self._feed([t.id for t in rnd.block[keep:n]] + [token])
+            return []
+        self.logits = hit.logits
+        self.reused += len(hit.drafts)
+        return hit.drafts

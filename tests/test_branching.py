@@ -1,0 +1,348 @@
+"""Parallel branching: bet bookkeeping, the pipelined loop against a scripted edge, greedy equality end to end.
+
+The scripted tests use a fake draft whose KV cache is a real ``DynamicCache`` holding the token ids themselves, and
+whose logits are computed from what the cache holds: any fork, crop or graft mistake changes the draft's tokens.
+A scripted greedy edge verifies with a known target rule and answers after a fixed number of non-blocking polls,
+so the amount of drafting done during each wait is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from covspec.data.shapes import load_split
+from covspec.decoding.autoregressive import generate
+from covspec.decoding.branching import Branch, DraftToken, match, plan_alternatives, reach_probabilities
+from covspec.models.base import DecodeState, PromptInputs
+from covspec.models.kvcache import graft, take_suffix
+from covspec.models.tiny import TINY_SPECS, tiny_llava
+from covspec.protocol import Link, LinkProfile, TrafficCounter, VerifyRequest, VerifyResponse
+from covspec.runtime.device import Device, DeviceSettings
+from covspec.runtime.edge import Edge
+from covspec.runtime.engine import colocated_profile
+from covspec.runtime.transport import InProcessTransport
+
+V, EOS = 8, 7
+PROMPT = [1, 2, 3]
+
+
+def tok(i: int, conf: float = 0.9, second: int = 0, second_p: float = 0.05) -> DraftToken:
+    return DraftToken(i, torch.zeros(V), conf, second, second_p)
+
+
+# -- pure bookkeeping ---------------------------------------------------------------------------------
+
+
+def test_alternatives_rank_unsure_reachable_positions_and_skip_eos():
+    block = [tok(1, 0.9, 2, 0.05), tok(3, 0.4, 4, 0.5), tok(5, 0.5, EOS, 0.45), tok(6, 0.3, 2, 0.6)]
+    reach = reach_probabilities(block)
+    assert reach[0] == 1.0 and math.isclose(reach[4], 0.9 * 0.4 * 0.5 * 0.3)
+    alts = plan_alternatives(block, 3, EOS)
+    assert [(b.root, b.token) for b in alts] == [(1, 4), (3, 2), (0, 2)]  # position 2 bets on EOS: skipped
+    assert math.isclose(alts[0].score, 0.9 * 0.5) and math.isclose(alts[1].score, 0.9 * 0.4 * 0.5 * 0.6)
+    assert plan_alternatives(block, 0, EOS) == []
+    assert [b.root for b in plan_alternatives(block, 3, EOS, max_root=1)] == [0]
+
+
+def test_match_needs_the_same_bet_and_a_started_branch():
+    main = Branch(root=4, token=5, started=True)
+    alt = Branch(root=1, token=6, started=True)
+    idle = Branch(root=2, token=3)  # never fed: cannot be kept
+    branches = [main, alt, idle]
+    assert match(branches, 4, 5) is main  # all accepted, bonus as guessed
+    assert match(branches, 4, 6) is None  # all accepted, another bonus
+    assert match(branches, 1, 6) is alt  # partial acceptance, correction as guessed
+    assert match(branches, 1, 5) is None
+    assert match(branches, 2, 3) is None
+
+
+def test_kv_suffix_round_trip_copies_only_the_suffix():
+    state = DecodeState(DynamicCache(), 0, 0)
+    adapter = FakeDraft(lambda h: (0, 1, 0.9))
+    adapter.forward(state, torch.tensor([1, 2, 3, 4, 5]))
+    suffix = take_suffix(state, 3)
+    assert len(suffix) == 2 and suffix.keys[0].flatten().tolist() == [4, 5]
+    adapter.rollback(state, 3)
+    adapter.forward(state, torch.tensor([6]))
+    adapter.rollback(state, 3)
+    graft(state, suffix, 1)
+    assert state.seq_len == 4 and adapter.history(state) == [1, 2, 3, 4]
+    graft(state, suffix)
+    assert adapter.history(state) == [1, 2, 3, 4, 4, 5]
+    with pytest.raises(ValueError):
+        take_suffix(state, 7)
+
+
+# -- the pipelined loop against a scripted edge ------------------------------------------------------
+
+Rule = Callable[[list[int]], tuple[int, int, float]]  # history -> (top, second, confidence)
+
+
+class FakeDraft:
+    """A draft 'VLM' whose cache stores token ids and whose logits depend only on what the cache holds."""
+
+    vocab_size = V
+    eos_token_id = EOS
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.forwards = 0
+
+    def prepare(self, image, question) -> PromptInputs:
+        ids = torch.tensor(PROMPT)
+        return PromptInputs(ids, torch.zeros(1, 3, 4, 4), torch.tensor([True, False, False]))
+
+    def prefill(self, inputs, keep=None):
+        state = DecodeState(DynamicCache(), 0)
+        return state, self.forward(state, inputs.input_ids)[-1]
+
+    @staticmethod
+    def history(state: DecodeState) -> list[int]:
+        return [int(x) for x in state.cache.layers[0].keys.flatten().tolist()]
+
+    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        k = len(token_ids)
+        kv = token_ids.float().view(1, 1, k, 1)
+        state.cache.update(kv, kv.clone(), 0)
+        state.seq_len += k
+        hist = self.history(state)
+        assert len(hist) == state.cache_len
+        rows = []
+        for i in range(k):
+            top, second, conf = self.rule(hist[: len(hist) - k + i + 1])
+            p = torch.full((V,), (1 - conf - (1 - conf) / 2) / (V - 2))
+            p[top], p[second] = conf, (1 - conf) / 2
+            rows.append(p.log())
+        return torch.stack(rows)
+
+    def rollback(self, state: DecodeState, seq_len: int) -> None:
+        drop = state.seq_len - seq_len
+        assert drop >= 0
+        if drop:
+            state.cache.crop(-drop)
+            state.seq_len = seq_len
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class ScriptedEdge:
+    """A greedy edge in the test's thread: target rule ``target``; a reply shows up after ``polls`` polls."""
+
+    def __init__(self, target: Callable[[list[int]], int], polls: int) -> None:
+        self.traffic = TrafficCounter()
+        self.target = target
+        self.polls = polls
+        self.history = list(PROMPT)
+        self.inbox: deque[tuple[int, VerifyResponse]] = deque()
+        self.blocks: list[list[int]] = []
+
+    def send(self, msg) -> None:
+        if not isinstance(msg, VerifyRequest):
+            return
+        if msg.last_token >= 0:
+            self.history.append(msg.last_token)
+        ids = list(msg.draft_ids)
+        self.blocks.append(ids)
+        n = 0
+        while n < len(ids) and self.target(self.history + ids[:n]) == ids[n]:
+            n += 1
+        token = self.target(self.history + ids[:n])
+        self.history += ids[:n]
+        self.inbox.append([self.polls, VerifyResponse(msg.session_id, msg.seq, n, token)])
+
+    def recv(self, timeout=None):
+        if not self.inbox:
+            raise TimeoutError("nothing sent")
+        if timeout == 0 and self.inbox[0][0] > 0:
+            self.inbox[0][0] -= 1
+            raise TimeoutError("not yet")
+        return self.inbox.popleft()[1]
+
+    def close(self) -> None:
+        pass
+
+
+def target_rule(h: list[int]) -> int:
+    """The target's greedy next token: a deterministic walk over 0..6, EOS once 20 tokens are generated."""
+    if len(h) - len(PROMPT) >= 20:
+        return EOS
+    return (h[-1] * 3 + len(h)) % 7
+
+
+def greedy_reference(max_new: int) -> list[int]:
+    h = list(PROMPT)
+    while len(h) - len(PROMPT) < max_new and (t := target_rule(h)) != EOS:
+        h.append(t)
+    return h[len(PROMPT) :]
+
+
+def run_scripted(rule: Rule, polls: int, max_new: int = 24, **settings):
+    draft = FakeDraft(rule)
+    edge = ScriptedEdge(target_rule, polls)
+    s = DeviceSettings(method="covspec", max_new_tokens=max_new, **settings)
+    result = Device(draft, edge, s).run(Image.new("RGB", (4, 4)), "q")
+    assert result.token_ids == greedy_reference(max_new)
+    return result, edge
+
+
+def agreeing(h):  # the draft is the target, sure of itself; its second choice is never the target's
+    return target_rule(h), (target_rule(h) + 1) % 7, 0.9
+
+
+def test_main_branch_hits_when_the_draft_always_agrees():
+    r, edge = run_scripted(agreeing, polls=100, gamma=4, branch_budget=1)
+    # Every block is accepted with its bonus as guessed: each later block was drafted during the previous wait.
+    assert r.branch_misses == 0 and r.branch_hits == r.rounds - 1 > 0
+    assert r.tokens_reused == 4 * (r.rounds - 1)
+    assert r.num_accepted == r.num_drafted
+    assert [len(b) for b in edge.blocks] == [4] * (r.rounds - 1) + [len(edge.blocks[-1])]
+
+
+def test_short_wait_reuses_what_was_drafted_and_drafts_the_rest():
+    r, edge = run_scripted(agreeing, polls=2, gamma=4, branch_budget=1)  # feed x_k, feed the guess, 1 draft
+    assert r.branch_hits == r.rounds - 1 and r.tokens_reused == r.rounds - 1
+    assert all(len(b) == 4 for b in edge.blocks[:-1])
+
+
+def test_all_accepted_but_another_bonus_is_a_miss():
+    def guess_wrong_bonus(h):  # agrees inside each 4-token block, never on the token after it
+        top = target_rule(h)
+        return ((top + 1) % 7, top, 0.6) if (len(h) - len(PROMPT)) % 5 == 4 else (top, (top + 1) % 7, 0.9)
+
+    r, _ = run_scripted(guess_wrong_bonus, polls=100, gamma=4, branch_budget=1)
+    first_four = r.round_log[0]
+    assert first_four.k == 4 and first_four.num_accepted == 4
+    assert r.branch_hits == 0 and r.branch_misses == r.rounds - 1
+
+
+def test_partial_acceptance_hits_the_alternative_at_the_rejection():
+    def second_is_right(h):  # at every third position the draft is wrong but its second choice is the target's
+        top = target_rule(h)
+        if (len(h) - len(PROMPT)) % 3 == 2:
+            return (top + 1) % 7, top, 0.5
+        return top, (top + 2) % 7, 0.95
+
+    r, edge = run_scripted(second_is_right, polls=100, gamma=4, branch_budget=3)
+    assert r.num_accepted < r.num_drafted
+    assert r.branch_hits == r.rounds - 1 and r.branch_misses == 0
+    assert r.round_log[0].num_accepted == 2  # x_2 rejected, corrected to the alternative's bet
+    assert r.tokens_reused > 0
+    # Without alternatives the same draft misses every round.
+    r1, _ = run_scripted(second_is_right, polls=100, gamma=4, branch_budget=1)
+    assert r1.branch_hits == 0
+
+
+def test_miss_when_neither_branch_bets_right_then_rebuilds_the_cache():
+    def both_wrong(h):
+        top = target_rule(h)
+        if (len(h) - len(PROMPT)) % 3 == 2:
+            return (top + 1) % 7, (top + 2) % 7, 0.5
+        return top, (top + 3) % 7, 0.95
+
+    r, _ = run_scripted(both_wrong, polls=100, gamma=4, branch_budget=4)
+    assert r.branch_hits == 0 and r.branch_misses == r.rounds - 1
+    assert r.tokens_reused == 0
+
+
+def test_alternative_hit_after_the_wait_was_cut_short():
+    def second_is_right(h):
+        top = target_rule(h)
+        return ((top + 1) % 7, top, 0.5) if (len(h) - len(PROMPT)) % 3 == 2 else (top, (top + 2) % 7, 0.95)
+
+    for polls in range(0, 12):  # the verdict interrupts the main branch, the alternative, or nothing
+        run_scripted(second_is_right, polls=polls, gamma=4, branch_budget=3)
+
+
+def test_eos_inside_a_branch():
+    def eos_early(h):  # the draft believes the answer ends after 6 tokens; the target ends it after 20
+        top = EOS if len(h) - len(PROMPT) == 6 else target_rule(h)
+        return top, (top + 1) % 7 if top != EOS else target_rule(h), 0.9
+
+    r, edge = run_scripted(eos_early, polls=100, gamma=4, branch_budget=2)
+    assert EOS in edge.blocks[1]  # the main branch drafted EOS and its block was sent as it was
+    assert r.round_log[1].num_accepted == edge.blocks[1].index(EOS)
+
+    def eos_agreed(h):  # both end the answer at 20 tokens: EOS is drafted inside the main branch and accepted
+        return target_rule(h), (target_rule(h) + 1) % 7, 0.9
+
+    r, edge = run_scripted(eos_agreed, polls=100, max_new=40, gamma=6, branch_budget=2)
+    assert edge.blocks[-1][-1] == EOS and r.round_log[-1].num_accepted == len(edge.blocks[-1])
+    assert r.branch_hits == r.rounds - 1
+
+
+def test_adaptive_confidence_stop_and_branches_together():
+    def unsure_every_fourth(h):
+        top = target_rule(h)
+        return ((top + 1) % 7, top, 0.3) if (len(h) - len(PROMPT)) % 4 == 3 else (top, (top + 2) % 7, 0.95)
+
+    r, edge = run_scripted(unsure_every_fourth, polls=100, gamma=3, gamma_max=8, branch_budget=2,
+                           policy="adaptive", threshold=0.5)  # fmt: skip
+    assert edge.blocks[0] == edge.blocks[0][:4] and len(edge.blocks[0]) == 3  # starts at gamma
+    assert all(len(b) <= 8 for b in edge.blocks)
+    assert r.branch_hits > 0
+
+
+# -- greedy equality through the engine with branching on ----------------------------------------------
+
+
+PAIRS = {
+    "always-agrees": ((TINY_SPECS[0], 3), (TINY_SPECS[0], 3)),
+    "never-agrees": ((TINY_SPECS[1], 0), (TINY_SPECS[0], 7)),
+    "partial": ((TINY_SPECS[1], 0), (TINY_SPECS[1], 0, 0.6)),  # the target with noise on its LM head
+}
+
+
+def make_pair(name):
+    (tspec, tseed), dspec = PAIRS[name]
+    target = tiny_llava(tspec, tseed)
+    draft = tiny_llava(dspec[0], dspec[1])
+    if len(dspec) == 3:
+        gen = torch.Generator().manual_seed(11)
+        head = draft.model.lm_head.weight
+        with torch.no_grad():
+            head += dspec[2] * head.std() * torch.randn(head.shape, generator=gen)
+    return target, draft
+
+
+VARIANTS = {
+    "branching": dict(gamma=4, branch_budget=3),
+    "adaptive+branching": dict(gamma=3, gamma_max=8, policy="adaptive", threshold=0.2, branch_budget=4),
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_greedy_equals_target_with_branching(pair):
+    torch.set_num_threads(1)
+    target, draft = make_pair(pair)
+    edge = Edge(target)
+    rates = []
+    for sample in load_split("test", 2, offset=1):
+        expected = generate(target, target.prepare(sample.image(), sample.question), 32).token_ids
+        for name, settings in VARIANTS.items():
+            for rtt in (0.0, 4.0):
+                link = Link(colocated_profile() if rtt == 0 else LinkProfile(rtt_ms=rtt, jitter_ms=1.0))
+                transport = InProcessTransport(edge.handle, link)
+                try:
+                    r = Device(draft, transport, DeviceSettings(max_new_tokens=32, **settings)).run(
+                        sample.image(), sample.question
+                    )
+                finally:
+                    transport.close()
+                assert r.token_ids == expected, (pair, name, rtt)
+                rates.append(r.num_accepted / max(r.num_drafted, 1))
+    assert not edge.sessions
+    if pair == "always-agrees":
+        assert min(rates) == 1.0
+    elif pair == "never-agrees":
+        assert max(rates) < 0.2
+    else:
+        assert 0.1 < sum(rates) / len(rates) < 0.95
