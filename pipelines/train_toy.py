@@ -30,7 +30,7 @@ from covspec.data.metrics import exact_match
 from covspec.data.shapes import KINDS, Sample, load_split, make_sample
 from covspec.models.toy import build_processor, toy_config
 
-TRAIN_KIND_WEIGHTS = {"color": 0.14, "shape": 0.14, "count": 0.14, "position": 0.26, "describe": 0.32}
+TRAIN_KIND_WEIGHTS = {"color": 0.2, "shape": 0.2, "count": 0.1, "position": 0.2, "describe": 0.3}
 
 
 def prompt_text(processor, question: str) -> str:

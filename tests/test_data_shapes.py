@@ -65,10 +65,10 @@ def test_samples_are_pinned_across_processes():
         "test-000000",
         "color",
         "What color is the square?",
-        "The square is yellow.",
+        "The square is green.",
     )
     assert make_sample("test", 2).answer == "There are three shapes."
-    assert make_sample("test", 0, seed=1).answer == "The triangle is yellow."
+    assert make_sample("test", 0, seed=1).answer == "The triangle is red."
 
 
 def test_different_seed_or_index_gives_different_samples():
