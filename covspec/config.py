@@ -250,7 +250,8 @@ class DraftingConfig(_Section):
     """How many tokens the device drafts per verification round."""
 
     policy: str = "fixed"
-    """``fixed``: always ``gamma`` tokens; ``adaptive``: confidence stop + cost-model controller."""
+    """``fixed``: always ``gamma`` tokens; ``adaptive``: confidence stop + cost-model controller (covspec only; the
+    baselines draft fixed blocks). See docs/drafting.md."""
     gamma: int = 5
     """Draft length of the fixed policy, and the adaptive policy's starting length (1..64)."""
     gamma_min: int = 1
@@ -277,7 +278,8 @@ class BranchingConfig(_Section):
     """Parallel branching: drafting continues while a block is being verified."""
 
     budget: int = 0
-    """Alternative branches drafted at the least confident positions per round (0: none, >= 0)."""
+    """Branches drafted while a block is verified: the main one plus budget - 1 alternatives at the least
+    confident positions (0: branching off, >= 0). covspec only; see docs/drafting.md."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "budget"), self.budget, 0)

@@ -197,6 +197,8 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, s in stats.items():
         row: dict[str, Any] = {"method": name, "samples": len(s.rows), "tokens_per_s": s.tokens_per_s}
+        if any(r.get("lossy") for r in s.rows):  # pruning.prune_target: the target saw a pruned image too
+            row["method"], row["lossy"] = f"{name} (lossy)", True
         row["speedup"] = s.tokens_per_s / base.tokens_per_s if base else None
         row["mean_accepted_length"] = (
             1 + s.sum("num_accepted") / s.sum("rounds") if s.rows and "num_accepted" in s.rows[0] and s.sum("rounds")
@@ -218,6 +220,11 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         row["exact_match"] = s.mean("exact_match")
         matches = [r["matches_target_only"] for r in s.rows if r.get("matches_target_only") is not None]
         row["identical_to_target_only"] = sum(matches) / len(matches) if matches else None
+        busy, idle = s.sum("device_busy_s"), s.sum("device_idle_s")
+        speculative = name not in ("target_only", "draft_only", HF_PEER)
+        row["device_idle_fraction"] = idle / (busy + idle) if speculative and busy + idle > 0 else None
+        hits, misses = s.sum("branch_hits"), s.sum("branch_misses")
+        row["branch_hit_rate"] = hits / (hits + misses) if hits + misses else None
         row["latency_p50_s"] = s.quantile("latency_s", 0.5)
         row["latency_p95_s"] = s.quantile("latency_s", 0.95)
         if row["mean_accepted_length"] and name not in (HF_PEER,):
@@ -245,7 +252,10 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
         title=f"covspec bench: {report['samples']} samples of shapes/{cfg.data.split}, "
         f"link rtt {link.rtt_ms:g} ms, up {link.up_mbps:g} / down {link.down_mbps:g} Mbit/s, "
         f"T={cfg.generation.temperature:g}, gamma={cfg.drafting.gamma}, m={cfg.verification.num_candidates}"
-    )
+        + (f", pruning {cfg.pruning.method} keep {cfg.pruning.keep_ratio:g}"
+           f"{' (target pruned too: lossy)' if cfg.pruning.prune_target else ''}"
+           if cfg.pruning.method != "none" else "")
+    )  # fmt: skip
     cols = [
         ("method", "method", "s"), ("tok/s", "tokens_per_s", ".1f"), ("speedup", "speedup", ".2f"),
         ("bound", "bound_speedup", ".2f"), ("acc.len", "mean_accepted_length", ".2f"),
@@ -256,6 +266,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
         ("EM", "exact_match", ".1%"), ("=target", "identical_to_target_only", ".0%"),
         ("p50 s", "latency_p50_s", ".3f"), ("p95 s", "latency_p95_s", ".3f"),
     ]  # fmt: skip
+    optional = [("idle", "device_idle_fraction", ".0%"), ("branch hit", "branch_hit_rate", ".0%")]
+    cols += [c for c in optional if any(row.get(c[1]) is not None for row in rows)]  # adaptive drafting / branching
     for title, _, _ in cols:
         table.add_column(title, justify="left" if title == "method" else "right")
     for row in rows:

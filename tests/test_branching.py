@@ -86,7 +86,11 @@ Rule = Callable[[list[int]], tuple[int, int, float]]  # history -> (top, second,
 
 
 class FakeDraft:
-    """A draft 'VLM' whose cache stores token ids and whose logits depend only on what the cache holds."""
+    """A draft 'VLM' whose cache stores token ids and whose logits depend only on what the cache holds.
+
+    ``rule(history)`` gives (top, second, confidence): q(top) = confidence, q(second) = (1 - confidence) / 2, the
+    rest shared evenly (so a confidence above 1/3 keeps ``top`` on top).
+    """
 
     vocab_size = V
     eos_token_id = EOS
@@ -231,7 +235,7 @@ def test_partial_acceptance_hits_the_alternative_at_the_rejection():
             return (top + 1) % 7, top, 0.5
         return top, (top + 2) % 7, 0.95
 
-    r, edge = run_scripted(second_is_right, polls=100, gamma=4, branch_budget=3)
+    r, _ = run_scripted(second_is_right, polls=100, gamma=4, branch_budget=3)
     assert r.num_accepted < r.num_drafted
     assert r.branch_hits == r.rounds - 1 and r.branch_misses == 0
     assert r.round_log[0].num_accepted == 2  # x_2 rejected, corrected to the alternative's bet

@@ -3,7 +3,9 @@
 A tiny random pair whose draft disagrees with the target, temperature 1, a fixed image and question. The first
 generated token of 20,000 independent covspec requests (one seed each) must follow the target's exact
 distribution p at that position: chi-square goodness of fit p-value > 1e-3 and total variation < 0.02.
-A deliberately broken corrector (always take the first candidate) must fail the same test.
+A deliberately broken corrector (always take the first candidate) must fail the same test. With adaptive drafting
+and parallel branching on, the first two tokens must also follow the target's joint distribution, and a draft close
+to the target (so that branches match often) must keep the first three tokens exact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from scipy import stats
 from covspec.data.shapes import load_split
 from covspec.decoding.sampling import probs_from_logits
 from covspec.models.tiny import TinySpec, tiny_llava
-from covspec.protocol import Link
+from covspec.protocol import Link, LinkProfile
 from covspec.runtime.device import Device, DeviceSettings
 from covspec.runtime.edge import Edge
 from covspec.runtime.engine import colocated_profile
@@ -40,20 +42,28 @@ def setup():
     return target, draft, image, sample.question, p, q
 
 
-def first_tokens(setup, method: str, draws: int) -> np.ndarray:
-    target, draft, image, question, _, _ = setup
+def generations(setup, method: str, draws: int, max_new_tokens: int = 1, draft=None, profile=None, **settings):
+    """The first ``max_new_tokens`` tokens of ``draws`` requests (one seed each), padded with EOS; and the results."""
+    target, setup_draft, image, question, _, _ = setup
     edge = Edge(target)
-    transport = InProcessTransport(edge.handle, Link(colocated_profile()))
-    counts = np.zeros(target.vocab_size)
+    transport = InProcessTransport(edge.handle, Link(profile or colocated_profile()))
+    eos = target.eos_token_id
+    tokens, results = np.full((draws, max_new_tokens), eos), []
     try:
         for seed in range(draws):
-            settings = DeviceSettings(method=method, max_new_tokens=1, temperature=TEMPERATURE, seed=seed,
-                                      num_candidates=2)  # fmt: skip
-            r = Device(draft, transport, settings).run(image, question)
-            counts[r.token_ids[0] if r.token_ids else target.eos_token_id] += 1
+            s = DeviceSettings(method=method, max_new_tokens=max_new_tokens, temperature=TEMPERATURE, seed=seed,
+                               num_candidates=2, **settings)  # fmt: skip
+            r = Device(draft or setup_draft, transport, s).run(image, question)
+            tokens[seed, : len(r.token_ids)] = r.token_ids
+            results.append(r)
     finally:
         transport.close()
-    return counts
+    return tokens, results
+
+
+def first_tokens(setup, method: str, draws: int, **settings) -> np.ndarray:
+    tokens, _ = generations(setup, method, draws, **settings)
+    return np.bincount(tokens[:, 0], minlength=setup[0].vocab_size).astype(float)
 
 
 def fit(counts: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -71,13 +81,79 @@ def fit(counts: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(pvalue), float(0.5 * np.abs(counts / n - p).sum())
 
 
+PIPELINED = dict(policy="adaptive", gamma=1, gamma_max=4, threshold=1.0, branch_budget=3)
+"""Adaptive drafting whose confidence stop ends every block after one token, with branching on: the second token's
+block is the one an alternative branch drafted during the first verification whenever that branch matched."""
+
+
+def target_probs(setup, prefix: list[int]) -> np.ndarray:
+    """p(. | prompt + prefix) at the test temperature."""
+    target, _, image, question, _, _ = setup
+    state, logits = target.prefill(target.prepare(image, question))
+    if prefix:
+        logits = target.forward(state, torch.tensor(prefix))[-1]
+    return probs_from_logits(logits.double(), TEMPERATURE).numpy()
+
+
+def pair_probs(setup) -> np.ndarray:
+    """[V, V] joint distribution of the first two tokens under the target (EOS ends the answer: (EOS, EOS))."""
+    target, p = setup[0], setup[4]
+    eos = target.eos_token_id
+    joint = np.zeros((target.vocab_size, target.vocab_size))
+    for t0 in range(target.vocab_size):
+        if t0 == eos:
+            joint[eos, eos] = p[eos]
+        else:
+            joint[t0] = p[t0] * target_probs(setup, [t0])
+    return joint
+
+
+def pair_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    return np.bincount(tokens[:, 0] * vocab_size + tokens[:, 1], minlength=vocab_size**2).astype(float)
+
+
 @pytest.mark.slow
-def test_covspec_first_token_follows_target_distribution(setup):
+@pytest.mark.parametrize("variant", ["fixed", "adaptive+branching"])
+def test_covspec_first_token_follows_target_distribution(setup, variant):
     p, q = setup[4], setup[5]
     assert 0.5 * np.abs(p - q).sum() > 0.3, "the pair must disagree for the test to have power"
-    counts = first_tokens(setup, "covspec", DRAWS)
+    if variant == "fixed":
+        counts = first_tokens(setup, "covspec", DRAWS)
+    else:  # two tokens, so that the second comes from a branch whenever one matched
+        tokens, results = generations(setup, "covspec", DRAWS, max_new_tokens=2, **PIPELINED)
+        assert sum(r.branch_hits + r.branch_misses for r in results) > DRAWS // 2  # the branching loop ran
+        counts = np.bincount(tokens[:, 0], minlength=len(p)).astype(float)
+        pvalue, tv = fit(pair_counts(tokens, len(p)), pair_probs(setup).ravel())
+        assert pvalue > 1e-3, (pvalue, tv)
     pvalue, tv = fit(counts, p)
     assert pvalue > 1e-3 and tv < 0.02, (pvalue, tv)
+
+
+@pytest.mark.slow
+def test_drafts_reused_from_branches_keep_sampling_exact(setup):
+    """A draft close to the target over a 2 ms link, so that branches match often (main and alternatives): the first
+    two tokens follow the target's joint distribution, and the third its conditional after the commonest pair."""
+    target = setup[0]
+    draft = tiny_llava(SPEC, seed=0)  # the target, with noise on its language model
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for w in draft.model.model.language_model.parameters():
+            if w.dim() > 1:
+                w += 0.1 * w.std() * torch.randn(w.shape, generator=gen)
+    tokens, results = generations(setup, "covspec", 3_000, max_new_tokens=3, draft=draft,
+                                  profile=LinkProfile(rtt_ms=2.0), **PIPELINED)  # fmt: skip
+    hits = sum(r.branch_hits for r in results)
+    assert hits > 0.05 * sum(r.branch_hits + r.branch_misses for r in results), hits
+    v, eos = target.vocab_size, target.eos_token_id
+    pvalue, tv = fit(pair_counts(tokens, v), pair_probs(setup).ravel())
+    assert pvalue > 1e-3, (pvalue, tv)
+    pairs = pair_counts(tokens, v)
+    pairs[eos * v : (eos + 1) * v] = pairs[eos::v] = 0  # prefixes that go on
+    t0, t1 = divmod(int(np.argmax(pairs)), v)
+    after = tokens[(tokens[:, 0] == t0) & (tokens[:, 1] == t1), 2]
+    assert len(after) > 500
+    pvalue, tv = fit(np.bincount(after, minlength=v).astype(float), target_probs(setup, [t0, t1]))
+    assert pvalue > 1e-3, (pvalue, tv)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ IMAGE_SIZE = 96  # 96 px with 8 px patches: 12 x 12 = 144 visual tokens
 GRID = 3
 CELL = IMAGE_SIZE // GRID
 MAX_SHAPES = 4
-SHAPE_SIZE = 26
+SHAPE_SIZE = 16  # one 2 x 2 block of 8 px patches, aligned to the patch grid
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
 
 
@@ -82,14 +82,14 @@ class Scene:
             cx = col * CELL + CELL // 2 + dx
             cy = row * CELL + CELL // 2 + dy
             half = size // 2
-            box = (cx - half, cy - half, cx + half, cy + half)
+            box = (cx - half, cy - half, cx + half - 1, cy + half - 1)  # exactly size x size pixels
             fill = COLORS[shape.color]
             if shape.kind == "circle":
                 draw.ellipse(box, fill=fill)
             elif shape.kind == "square":
                 draw.rectangle(box, fill=fill)
             else:
-                draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+                draw.polygon([(cx, cy - half), (cx - half, cy + half - 1), (cx + half - 1, cy + half - 1)], fill=fill)
         return image
 
 
@@ -158,8 +158,10 @@ def random_scene(rng: random.Random) -> Scene:
     cells = rng.sample(range(GRID * GRID), n)
     pairs = rng.sample([(c, k) for c in COLORS for k in SHAPES], n)
     shapes = tuple(Shape(color=c, kind=k, cell=cell) for (c, k), cell in zip(pairs, cells, strict=True))
-    # Shapes sit centred in their cell at one size: the toy vision towers (8 px patches) learn shape kinds far
-    # faster from a fixed patch pattern than from jittered ones (a jittered version plateaued at chance level).
+    # Shapes sit centred in their cell, filling one 2 x 2 block of 8 px patches: every patch then holds a
+    # shape-specific quadrant (full for a square, an arc for a circle, a slope for a triangle). Larger, jittered
+    # shapes spread over 4 x 4 patches whose centres look alike for every kind, and the toy vision tower stayed
+    # near chance on shape kinds after 1,000 steps.
     jitter = tuple((0, 0, SHAPE_SIZE) for _ in shapes)
     return Scene(shapes=shapes, jitter=jitter)
 

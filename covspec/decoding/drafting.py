@@ -37,7 +37,9 @@ Longer blocks as r grows: at the optimum E'(γ)/E(γ) = T'(γ)/T(γ). E is log-c
 γ; the right side is c/(γ·c + L) without branching (and at most that with it), which falls as L grows. A longer
 wait therefore moves the optimum to longer blocks, and a higher α raises E'(γ)/E(γ) for every γ, which does too.
 The device cannot tell network time from the edge's compute time (both elapse between sending a block and its
-verdict), so the runtime measures L directly; the functions take r and v apart for clarity and add them.
+verdict), so the runtime measures L directly; the functions take r and v apart for clarity and add them. The
+device's own per-round work that is neither drafting nor waiting (checking the verdict, the correction, encoding
+the next frame) is a fixed cost per round too, measured apart and added to L.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Estimates:
     draft_s: float | None
     wait_s: float | None  # rtt + verify: from sending a block to its verdict
     alt_hit: float | None
+    overhead_s: float | None = None  # per-round device time that is neither drafting nor waiting
 
 
 class DraftPolicy:
@@ -133,6 +136,7 @@ class DraftPolicy:
         self._trials = _Ema(decay)  # accepted drafts + 1 if the round had a rejection
         self._draft_s = _Ema(decay)
         self._wait_s = _Ema(decay)
+        self._overhead_s = _Ema(decay)
         self._alt_hit = _Ema(decay)
 
     # -- measurements ----------------------------------------------------------------------------
@@ -151,6 +155,10 @@ class DraftPolicy:
         self._trials.update(accepted + (accepted < drafted))
         self._wait_s.update(wait_s)
 
+    def observe_overhead(self, seconds: float) -> None:
+        """Device time of one round spent neither drafting nor waiting (bookkeeping, encoding, correction)."""
+        self._overhead_s.update(max(seconds, 0.0))
+
     def observe_alternatives(self, hit: bool) -> None:
         """The main branch missed and alternative branches existed: did one of them match?"""
         self._alt_hit.update(float(hit))
@@ -159,7 +167,7 @@ class DraftPolicy:
     def estimates(self) -> Estimates:
         trials = self._trials.value
         alpha = None if not trials else self._accepted.value / trials
-        return Estimates(alpha, self._draft_s.value, self._wait_s.value, self._alt_hit.value)
+        return Estimates(alpha, self._draft_s.value, self._wait_s.value, self._alt_hit.value, self._overhead_s.value)
 
     # -- decisions -------------------------------------------------------------------------------
 
@@ -170,8 +178,10 @@ class DraftPolicy:
         e = self.estimates
         if e.alpha is None or e.draft_s is None or e.wait_s is None:
             return self.gamma
-        return choose_block_length(e.alpha, e.draft_s, 0.0, e.wait_s, self.gamma_min, self.gamma_max,
-                                   self.branching, e.alt_hit or 0.0)  # fmt: skip
+        # The fixed per-round costs (the wait and the device's own bookkeeping) enter the model as one L.
+        wait = e.wait_s + (e.overhead_s or 0.0)
+        return choose_block_length(e.alpha, e.draft_s, 0.0, wait, self.gamma_min, self.gamma_max, self.branching,
+                                   e.alt_hit or 0.0)  # fmt: skip
 
     def stop_after(self, index: int, confidence: float) -> bool:
         """Confidence stop: end the block after position ``index`` (0-based) drafted with ``confidence``."""

@@ -354,10 +354,8 @@ def _check_open(msg: OpenSession, limits: Limits) -> None:
     _check_count("len(keep)", len(msg.keep), limits.max_prompt_len)
     bad = next((i for i in range(1, len(msg.keep)) if msg.keep[i] <= msg.keep[i - 1]), None)
     if bad is not None:
-        raise ProtocolError(
-            ErrorCode.INVALID_FIELD, f"keep must be strictly increasing, got keep[{bad - 1}:{bad + 1}] = "
-            f"{list(msg.keep[bad - 1 : bad + 1])}"
-        )
+        pair = list(msg.keep[bad - 1 : bad + 1])
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"keep must be strictly increasing, got {pair} at index {bad - 1}")
 
 
 def _check_verify_request(msg: VerifyRequest, limits: Limits) -> None:

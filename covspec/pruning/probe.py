@@ -14,6 +14,8 @@ Works for Llama-style language models (LLaVA's, Qwen2's, Mistral's: ``layers``, 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -68,7 +70,7 @@ def probe_attention(
     h = adapter.embed(inputs)[None]  # [1, L, H]
     length = h.shape[1]
     pos = torch.arange(length, device=h.device)[None]  # [1, L]
-    cos, sin = lm.rotary_emb(h, pos)  # [1, L, d] each
+    cos, sin = _rope(lm, h, length)  # [1, L, d] each
     if layer > 0:
         from transformers.masking_utils import create_causal_mask
 
@@ -87,7 +89,22 @@ def probe_attention(
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     q = q * cos[:, rows, None].transpose(1, 2) + rotate_half(q) * sin[:, rows, None].transpose(1, 2)
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: [1, heads, L, d]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: [1, heads, L, d]
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [1, heads, R, L]
     future = pos[0][None, :] > rows[:, None]  # [R, L]
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)[0]
+    return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)[0]
+
+
+_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # language model -> {(L, dtype, device): (cos, sin)}
+
+
+def _rope(lm, h: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for positions 0..L-1, memoized per model and length (prompts of one template repeat lengths)."""
+    tables = _ROPE.setdefault(lm, {})
+    key = (length, h.dtype, h.device)
+    if key not in tables:
+        if len(tables) > 64:
+            tables.clear()
+        tables[key] = lm.rotary_emb(h, torch.arange(length, device=h.device)[None])
+    return tables[key]

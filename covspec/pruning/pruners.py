@@ -5,16 +5,17 @@ inputs)`` returns the sorted indices (into the visual tokens 0..N-1) of the toke
 them all (keep ratio 1.0, or a count >= N). The kept tokens keep their original positions in the draft's sequence
 (``VLMAdapter.prefill(inputs, keep=...)``).
 
-| method      | keeps the tokens with ...                                                   | needs            |
-|-------------|-----------------------------------------------------------------------------|------------------|
-| joint       | the highest ``w_r rel + w_a act + w_l lowrank`` (``covspec.pruning.scores``) | features, probe* |
-| random      | a uniform random subset (seeded)                                            | nothing          |
-| uniform     | an even lattice over the patch grid (strided in both directions)            | nothing          |
-| attention   | the most attention received at layer K (FastV-like probe, all rows)          | probe            |
-| diversity   | greedy max-min cosine distance (DivPrune-like)                              | features         |
+| method    | keeps                                                                            | needs            |
+|-----------|----------------------------------------------------------------------------------|------------------|
+| joint     | per lattice cell, the best ``w_r rel + w_a act + w_l lowrank`` (or greedy, topk) | features, probe* |
+| random    | a uniform random subset (seeded)                                                 | nothing          |
+| uniform   | an even lattice over the patch grid (strided in both directions)                 | nothing          |
+| attention | the most attention received at decoder layer K (FastV-like probe, all rows)      | probe            |
+| diversity | greedy max-min cosine distance (DivPrune-like)                                   | features         |
 
-(*) the joint pruner's relevance is the question rows' attention at probe layer 0 (``relevance="attention"``,
-default) or embedding-space similarity (``relevance="embedding"``, no forward at all).
+(*) relevance is the question rows' attention at decoder layer 0 (``relevance="attention"``, default: a partial
+forward of one layer's q/k projections) or embedding-space similarity (``relevance="embedding"``: no forward).
+Scores: ``covspec.pruning.scores``; selectors: ``covspec.pruning.select``; measurements: docs/pruning.md.
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ from covspec.errors import ConfigError
 from covspec.models.base import PromptInputs, VLMAdapter
 from covspec.pruning import scores as S
 from covspec.pruning.probe import probe_attention, question_embeddings, question_rows, visual_positions
-from covspec.pruning.select import greedy_diverse, num_kept, top_k, uniform_grid, weighted_sum
+from covspec.pruning.select import greedy_diverse, num_kept, stratified_top, top_k, uniform_grid, weighted_sum
 
 SCORE_NAMES = ("relevance", "activity", "lowrank")
 RELEVANCE_KINDS = ("attention", "embedding")
+SELECTIONS = ("stratified", "greedy", "topk")
+
+
+def visual_grid(adapter: VLMAdapter, inputs: PromptInputs) -> tuple[int, int] | None:
+    """(rows, cols) of the visual tokens if the adapter knows it (``adapter.visual_grid(inputs)``), else None (the
+    selectors then assume a square grid when N is a perfect square)."""
+    grid = getattr(adapter, "visual_grid", None)
+    return grid(inputs) if callable(grid) else None
 
 
 @runtime_checkable
@@ -91,7 +100,17 @@ class _Pruner:
 
 
 class JointPruner(_Pruner):
-    """CoVSpec's pruner: top-k of the weighted sum of query relevance, token activity and low-rank dependency.
+    """CoVSpec's pruner: query relevance, token activity and low-rank dependency, weighted into one joint score,
+    then a selection.
+
+    ``joint_i = w_r rel_i + w_a act_i + w_l lowrank_i`` (each score min-max normalized to [0, 1]). Selections:
+
+    - ``stratified`` (default): the patch grid is cut into k cells around an even lattice and each cell keeps its
+      best-scoring token (``select.stratified_top``): the kept set stays spatially representative, which a pruned
+      draft (whose kept tokens get no re-weighting) needs, and the scores pick the informative token of each region;
+    - ``greedy``: step t keeps ``argmax_i joint_i + diversity * novelty_i(S_t)``, trading the joint score against
+      redundancy with the tokens already kept (``select.greedy_diverse``);
+    - ``topk``: the k best joint scores.
 
     Args:
         keep_ratio: fraction of visual tokens kept, in (0, 1].
@@ -102,6 +121,8 @@ class JointPruner(_Pruner):
             similarity with the question's input embeddings).
         probe_layer: decoder layer of the attention probe (0: the first; layers below it run in full).
         ridge: lam of the low-rank dependency score.
+        selection: ``stratified``, ``greedy`` or ``topk`` (above).
+        diversity: ``greedy`` only: weight of the novelty term (normalized cosine distance to the closest kept token).
     """
 
     name = "joint"
@@ -114,6 +135,8 @@ class JointPruner(_Pruner):
         relevance: str = "attention",
         probe_layer: int = 0,
         ridge: float = S.DEFAULT_RIDGE,
+        selection: str = "stratified",
+        diversity: float = 1.0,
     ) -> None:
         super().__init__(keep_ratio, keep_count)
         weights = dict(zip(SCORE_NAMES, (1.0, 0.5, 0.5), strict=True) if weights is None else weights)
@@ -128,12 +151,20 @@ class JointPruner(_Pruner):
             raise ValueError(f"relevance must be one of {', '.join(RELEVANCE_KINDS)}, got {relevance!r}")
         if not ridge > 0:
             raise ValueError(f"ridge must be > 0, got {ridge!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if isinstance(diversity, bool) or not isinstance(diversity, int | float) or not 0 < diversity < math.inf:
+            raise ValueError(f"diversity must be a finite number > 0, got {diversity!r}")
         self.weights = {k: float(v) for k, v in weights.items()}
         self.relevance = relevance
         self.probe_layer = probe_layer
         self.ridge = ridge
+        self.selection = selection
+        self.diversity = float(diversity)
 
-    def scores(self, adapter: VLMAdapter, inputs: PromptInputs) -> dict[str, torch.Tensor]:
+    def scores(
+        self, adapter: VLMAdapter, inputs: PromptInputs, gram: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The normalized scores with a non-zero weight: name -> [N] in [0, 1]."""
         w = self.weights
         out: dict[str, torch.Tensor] = {}
@@ -147,12 +178,20 @@ class JointPruner(_Pruner):
         if w["activity"]:
             out["activity"] = S.token_activity(visual)
         if w["lowrank"]:
-            out["lowrank"] = S.lowrank_dependency(visual, self.ridge)
+            out["lowrank"] = S.lowrank_dependency(visual, self.ridge, gram)
         return out
 
     @torch.inference_mode()
     def _choose(self, adapter: VLMAdapter, inputs: PromptInputs, n: int, k: int) -> torch.Tensor:
-        return top_k(weighted_sum(self.scores(adapter, inputs), self.weights), k)
+        visual = adapter.visual_features(inputs)
+        greedy = self.selection == "greedy"
+        gram = S.cosine_gram(visual) if greedy or self.weights["lowrank"] else None  # [N, N], shared
+        joint = weighted_sum(self.scores(adapter, inputs, gram), self.weights)  # [N]
+        if self.selection == "stratified":
+            return stratified_top(joint, k, visual_grid(adapter, inputs))
+        if greedy:
+            return greedy_diverse(visual, k, joint, self.diversity, gram)
+        return top_k(joint, k)
 
 
 class RandomPruner(_Pruner):
@@ -174,8 +213,7 @@ class UniformPruner(_Pruner):
     name = "uniform"
 
     def _choose(self, adapter: VLMAdapter, inputs: PromptInputs, n: int, k: int) -> torch.Tensor:
-        grid = getattr(adapter, "visual_grid", None)
-        return uniform_grid(n, k, grid(inputs) if callable(grid) else None)
+        return uniform_grid(n, k, visual_grid(adapter, inputs))
 
 
 class AttentionPruner(_Pruner):

@@ -14,7 +14,7 @@ Higher is better for every score: the selector keeps the tokens with the highest
   residual of the unit-normalized token ``u_i = x_i / ||x_i||``,
   ``d_i = min_b ||u_i - sum_{j != i} b_j u_j||^2 + lam ||b||^2 = lam * l_i / (1 - l_i)``, where
   ``l_i = u_i^T (U^T U + lam I)^{-1} u_i`` is the ridge leverage score (``lowrank_dependency``). A token with
-  k exact copies has ``d <= lam / (k - 1 + lam)``; a token orthogonal to all others has ``d = 1``.
+  k exact copies has ``d = lam / (k - 1 + lam)``; a token orthogonal to all others has ``d = 1``.
 
 ``minmax`` maps each raw score to [0, 1] so that the joint weights compare like with like.
 """
@@ -76,33 +76,42 @@ def attention_received(attn: torch.Tensor) -> torch.Tensor:
     return minmax(attn.float().mean(dim=(0, 1)))
 
 
-def lowrank_dependency(visual: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+def cosine_gram(visual: torch.Tensor) -> torch.Tensor:
+    """[N, H] -> [N, N] cosine similarities ``U U^T`` of the unit-normalized tokens (shared by the low-rank score and
+    the greedy selection)."""
+    u = visual.float()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return u @ u.T
+
+
+def lowrank_dependency(
+    visual: torch.Tensor, ridge: float = DEFAULT_RIDGE, gram: torch.Tensor | None = None
+) -> torch.Tensor:
     """How much of each token the others cannot explain (ridge leave-one-out residual); redundant tokens score low.
 
-    Computed from the ridge leverage ``l_i = u_i^T (U^T U + lam I)^{-1} u_i`` of the unit-normalized tokens, in the
-    smaller of the token space (N x N Gram) and the feature space (H x H), whichever is cheaper; the residual
-    ``lam l / (1 - l)`` is monotone in ``l``, so only the normalization differs.
+    The residual is ``d_i = lam l_i / (1 - l_i)`` with the ridge leverage ``l_i = u_i^T (U^T U + lam I)^-1 u_i``
+    ``= 1 - lam [(K + lam I)^-1]_ii`` (``K = U U^T``): one Cholesky factorization in the smaller of the feature
+    space (H x H) and the token space (N x N, or a given ``gram``).
 
     Args:
         visual: [N, H] visual tokens.
         ridge: lam > 0; smaller separates near-duplicates more sharply.
+        gram: [N, N] ``cosine_gram(visual)`` if already computed (the token-space route is then used).
 
     Returns:
         [N] in [0, 1].
     """
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0, got {ridge!r}")
-    u = visual.float()
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [N, H]
-    n, h = u.shape
-    if h <= n:
-        gram = u.T @ u  # [H, H]
-        gram.diagonal().add_(ridge)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
-        leverage = ((u @ inv) * u).sum(dim=1)  # [N]
-    else:  # l_i = [K (K + lam I)^-1]_ii = 1 - lam [(K + lam I)^-1]_ii with K = U U^T
-        gram = u @ u.T  # [N, N]
-        gram.diagonal().add_(ridge)
-        leverage = 1 - ridge * torch.cholesky_inverse(torch.linalg.cholesky(gram)).diagonal()
-    leverage = leverage.clamp(0.0, 1 - 1e-6)
-    return minmax(ridge * leverage / (1 - leverage))
+    n, h = visual.shape
+    if gram is None and h < n:  # feature space: l_i = u_i^T (U^T U + lam I)^-1 u_i
+        u = visual.float()
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        a = u.T @ u  # [H, H]
+        a.diagonal().add_(ridge)
+        leverage = ((u @ torch.cholesky_inverse(torch.linalg.cholesky(a))) * u).sum(dim=1).clamp_(0, 1 - 1e-6)
+        return minmax(leverage / (1 - leverage))  # lam l / (1 - l), the constant lam vanishes in the normalization
+    a = (cosine_gram(visual) if gram is None else gram).clone()  # token space: d_i = 1 / [(K + lam I)^-1]_ii - lam
+    a.diagonal().add_(ridge)
+    inv_diag = torch.cholesky_inverse(torch.linalg.cholesky(a)).diagonal()  # [N]
+    return minmax(1 / inv_diag)

@@ -14,7 +14,8 @@ One speculative round (gpt-fast shape), for vanilla_sd, dssd and covspec:
 Visual token pruning: a ``Pruner`` (``covspec.pruning``) picks the visual tokens the draft prefills with, on the
 device, timed as ``pruner_s`` (device busy time); ``run(..., keep=...)`` overrides it. With
 ``settings.prune_target`` the target prefills with the same tokens (lossy: results are labelled ``lossy``).
-Seam for later issues: ``DraftPolicy`` chooses the block length (fixed here).
+Adaptive block lengths and parallel branching (``settings.pipelined``) run in ``covspec.runtime.pipeline``, which
+takes over after the prefill; the loop here is the fixed-γ baseline.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class RequestResult:
     branch_hits: int = 0  # rounds whose next block started from a branch drafted during the wait
     branch_misses: int = 0  # rounds (with branching on) where no branch matched the verdict
     tokens_reused: int = 0  # drafts taken from matching branches into later blocks
+    controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
 
     @property
     def num_tokens(self) -> int:
@@ -145,6 +147,7 @@ class RequestResult:
             "branch_misses": self.branch_misses,
             "branch_hit_rate": self.branch_hits / branch_rounds if branch_rounds else None,
             "tokens_reused": self.tokens_reused,
+            "controller_gammas": self.controller_gammas,
             "visual_tokens": self.visual_tokens,
             "visual_tokens_kept": self.visual_tokens_kept,
             "draft_prefill_s": self.draft_prefill_s,
@@ -178,6 +181,7 @@ class Device:
         self._busy = 0.0
         self._idle = 0.0
         self._timing = (0.0, 0.0)  # (pruner_s, vision tower share of the prefill) of the request in progress
+        self.draft_policy = None  # adaptive drafting: its estimates carry over to this device's next requests
 
     # -- plumbing ------------------------------------------------------------------------------
 

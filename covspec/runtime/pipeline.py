@@ -43,10 +43,10 @@ from covspec.protocol import (
     check_against,
     probs_to_bytes,
 )
+from covspec.runtime.device import Device, DeviceSettings, EdgeError, RequestResult
 
 if TYPE_CHECKING:
     from covspec.models.base import DecodeState
-    from covspec.runtime.device import Device, DeviceSettings, RequestResult
 
 
 def draft_policy(settings: DeviceSettings) -> DraftPolicy:
@@ -82,12 +82,15 @@ class PipelinedLoop:
         self.draft = device.draft
         self.s = device.settings
         self.eos = self.draft.eos_token_id
-        self.policy = draft_policy(self.s)
+        if device.draft_policy is None:  # a device keeps its estimates (link, draft speed, acceptance) across requests
+            device.draft_policy = draft_policy(self.s)
+        self.policy: DraftPolicy = device.draft_policy
         self.branching = self.s.branch_budget > 0
         self.state = state  # the draft's cache, prefilled
         self.logits = logits  # [V] after the last fed token of the live path
         self.gen = gen  # the device's randomness: drafts and corrections, as in the fixed loop
         self.hits = self.misses = self.reused = 0
+        self._pick_s = 0.0  # time of the last token choice, counted into the next draft step
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -97,8 +100,14 @@ class PipelinedLoop:
         committed: list[int] = []
         live: list[DraftToken] = []  # drafted during the last wait by the branch that matched
         last_token, seq = -1, 0
+        replied = accounted = 0.0  # when the last verdict arrived; device busy + idle time then
         while True:
-            rnd = self._block(live, s.max_new_tokens - len(committed))
+            if seq > 0:  # per-round time that is neither drafting nor waiting: bookkeeping, frames, threads
+                self.policy.observe_overhead(time.perf_counter() - replied - (d._busy + d._idle - accounted))
+            gamma = self.policy.block_length()
+            if self.policy.adaptive:
+                result.controller_gammas.append(gamma)
+            rnd = self._block(live, min(gamma, s.max_new_tokens - len(committed)))
             ids = [t.id for t in rnd.block]
             q_rows = torch.stack([t.q for t in rnd.block])  # [k, V]
             d.transport.send(VerifyRequest(
@@ -108,7 +117,8 @@ class PipelinedLoop:
             ))  # fmt: skip
             sent = time.perf_counter()
             reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
-            wait = time.perf_counter() - sent
+            replied, accounted = time.perf_counter(), d._busy + d._idle
+            wait = replied - sent
             check_against(reply, draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
                           num_drafted=len(ids), expected_seq=seq)  # fmt: skip
             n = reply.num_accepted
@@ -149,11 +159,19 @@ class PipelinedLoop:
         t = time.perf_counter()
         logits = self.device._compute(self.draft.forward, self.state, torch.tensor(ids))[-1]
         if len(ids) == 1:
-            self.policy.observe_step(time.perf_counter() - t)
+            self.policy.observe_step(time.perf_counter() - t + self._pick_s)
+        self._pick_s = 0.0
         return logits
 
     def _draft_token(self, logits: torch.Tensor) -> DraftToken:
-        """Draw one token from ``logits`` [V] (argmax when greedy) with its q row, confidence and second choice."""
+        """Draw one token from ``logits`` [V] (device compute, timed with the next forward as one draft step)."""
+        t = time.perf_counter()
+        tok = self.device._compute(self._pick, logits)
+        self._pick_s = time.perf_counter() - t
+        return tok
+
+    def _pick(self, logits: torch.Tensor) -> DraftToken:
+        """One token from ``logits`` [V] (argmax when greedy) with its q row, confidence and second choice."""
         s = self.s
         q = probs_from_logits(logits.float(), s.temperature, s.top_p)  # [V]
         dist = q if s.temperature > 0 else torch.softmax(logits.float(), -1)  # confidence: see drafting.py
@@ -170,9 +188,9 @@ class PipelinedLoop:
         tok = drafts[-1]
         return tok.id == self.eos or len(drafts) >= gamma or self.policy.stop_after(len(drafts) - 1, tok.conf)
 
-    def _block(self, live: list[DraftToken], remaining: int) -> _Round:
-        """The next block: ``live`` drafts first, then new ones; what ``live`` holds beyond it seeds the main branch."""
-        gamma = min(self.policy.block_length(), remaining)
+    def _block(self, live: list[DraftToken], gamma: int) -> _Round:
+        """The next block of at most ``gamma`` tokens: ``live`` drafts first, then new ones; what ``live`` holds
+        beyond the block seeds the main branch."""
         live_fed = _fed(live, self.eos)
         base = self.state.seq_len - live_fed
         block: list[DraftToken] = []
@@ -213,14 +231,10 @@ class PipelinedLoop:
             except TimeoutError:
                 return None
             if isinstance(msg, ErrorReply):
-                from covspec.runtime.device import EdgeError
-
                 raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
             if isinstance(msg, VerifyResponse):
                 return msg
             if not isinstance(msg, SessionOpened):
-                from covspec.runtime.device import EdgeError
-
                 raise EdgeError(f"expected VerifyResponse, got {type(msg).__name__}")
             check_against(msg, self.draft.vocab_size)
 

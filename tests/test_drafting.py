@@ -1,0 +1,128 @@
+"""The drafting policy: the cost-model controller's choices on given estimates, the confidence stop, the EMAs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from covspec.decoding.drafting import DraftPolicy, choose_block_length, round_time, throughput
+
+MS = 1e-3
+DRAFT_S, VERIFY_S = 1 * MS, 4 * MS
+
+
+def lengths_over_rtt(alpha: float, branching: bool, alt_hit: float = 0.0) -> list[int]:
+    return [
+        choose_block_length(alpha, DRAFT_S, VERIFY_S, rtt * MS, 1, 32, branching, alt_hit) for rtt in (5, 20, 50, 100)
+    ]
+
+
+@pytest.mark.parametrize("branching", [False, True])
+@pytest.mark.parametrize("alpha", [0.6, 0.8, 0.9])
+def test_longer_blocks_at_higher_rtt(alpha, branching):
+    gammas = lengths_over_rtt(alpha, branching, alt_hit=0.3)
+    assert gammas == sorted(gammas) and gammas[-1] > gammas[0], gammas
+
+
+@pytest.mark.parametrize("branching", [False, True])
+@pytest.mark.parametrize("rtt_ms", [5, 50])
+def test_longer_blocks_at_higher_acceptance(rtt_ms, branching):
+    gammas = [choose_block_length(a, DRAFT_S, VERIFY_S, rtt_ms * MS, 1, 32, branching) for a in (0.3, 0.6, 0.8, 0.95)]
+    assert gammas == sorted(gammas) and gammas[-1] > gammas[0], gammas
+
+
+def test_choice_is_the_argmax_within_bounds():
+    for alpha in (0.0, 0.4, 0.85, 1.0):
+        for branching in (False, True):
+            g = choose_block_length(alpha, DRAFT_S, VERIFY_S, 20 * MS, 2, 9, branching, 0.2)
+            assert 2 <= g <= 9
+            rates = [throughput(x, alpha, DRAFT_S, VERIFY_S, 20 * MS, branching, 0.2) for x in range(2, 10)]
+            assert math.isclose(throughput(g, alpha, DRAFT_S, VERIFY_S, 20 * MS, branching, 0.2), max(rates))
+    assert choose_block_length(0.0, DRAFT_S, VERIFY_S, 20 * MS, 2, 9) == 2  # nothing is ever accepted
+    assert choose_block_length(1.0, DRAFT_S, VERIFY_S, 20 * MS, 2, 9) == 9  # everything is
+
+
+def test_round_time_and_throughput_formulas():
+    # E(3) at alpha 0.5 = 1 + .5 + .25 + .125; sequential T = 3c + r + v.
+    assert math.isclose(throughput(3, 0.5, 0.002, 0.004, 0.010), 1.875 / 0.020)
+    # Branching, the wait covers the next block: on a hit nothing is left to draft after the reply.
+    h = 0.5**4 + (1 - 0.5**4) * 0.4
+    assert math.isclose(round_time(3, 0.5, 0.002, 0.004, 0.010, True, 0.4), 0.014 + (1 - h) * 0.006)
+    # A wait shorter than the next block: what does not fit is drafted after the reply.
+    h = 0.9**5
+    expected = 0.002 + (1 - h) * 4 * 0.001 + h * (5 * 0.001 - 0.002)
+    assert math.isclose(round_time(4, 0.9, 0.001, 0.001, 0.001, True), expected)
+    assert round_time(4, 0.9, 0.001, 0.001, 0.001, True) < round_time(4, 0.9, 0.001, 0.001, 0.001, False)
+
+
+def test_fixed_policy_never_stops_early_and_ignores_measurements():
+    policy = DraftPolicy("fixed", gamma=5, threshold=0.9)
+    for _ in range(5):
+        policy.observe_step(0.001)
+        policy.observe_round(5, 5, 0.5)
+    assert policy.block_length() == 5
+    assert not policy.stop_after(0, 0.01)
+
+
+def test_confidence_stop_respects_threshold_and_gamma_min():
+    policy = DraftPolicy("adaptive", gamma=6, gamma_min=3, gamma_max=10, threshold=0.4)
+    assert not policy.stop_after(0, 0.1) and not policy.stop_after(1, 0.1)  # fewer than gamma_min drafted
+    assert policy.stop_after(2, 0.39) and not policy.stop_after(2, 0.4) and not policy.stop_after(7, 0.95)
+
+
+def test_adaptive_policy_starts_at_gamma_then_follows_the_controller():
+    policy = DraftPolicy("adaptive", gamma=20, gamma_min=2, gamma_max=8)
+    assert policy.block_length() == 8  # the starting length, clamped to the bounds
+    policy.observe_step(DRAFT_S)
+    policy.observe_round(drafted=4, accepted=4, wait_s=100 * MS)
+    assert policy.estimates.alpha == 1.0 and policy.block_length() == 8
+    for _ in range(30):  # a link that became fast and a draft that is now always refused at once
+        policy.observe_round(drafted=4, accepted=0, wait_s=1 * MS)
+    assert policy.estimates.alpha < 0.01 and policy.block_length() == 2
+
+
+def test_acceptance_estimate_is_accepted_over_trials():
+    policy = DraftPolicy("adaptive", decay=0.0)  # no memory: the last round alone
+    policy.observe_round(drafted=5, accepted=2, wait_s=0.01)  # 2 accepted, then a rejection
+    assert math.isclose(policy.estimates.alpha, 2 / 3)
+    policy.observe_round(drafted=3, accepted=3, wait_s=0.01)  # all accepted: no rejection observed
+    assert policy.estimates.alpha == 1.0
+    policy = DraftPolicy("adaptive", decay=0.5)
+    policy.observe_round(drafted=4, accepted=1, wait_s=0.01)
+    policy.observe_round(drafted=4, accepted=3, wait_s=0.03)
+    assert math.isclose(policy.estimates.alpha, (0.5 * 1 + 0.5 * 3) / (0.5 * 2 + 0.5 * 4))
+    assert math.isclose(policy.estimates.wait_s, 0.02)
+
+
+def test_controller_lengthens_blocks_when_the_measured_rtt_grows():
+    chosen = []
+    for rtt_ms in (5, 20, 50, 100):
+        policy = DraftPolicy("adaptive", gamma=4, gamma_min=1, gamma_max=16, branching=True)
+        for _ in range(10):
+            policy.observe_step(DRAFT_S)
+            policy.observe_round(drafted=6, accepted=4, wait_s=(rtt_ms + 4) * MS)
+            policy.observe_alternatives(False)
+        chosen.append(policy.block_length())
+    assert chosen == sorted(chosen) and chosen[-1] > chosen[0], chosen
+
+
+def test_bad_policy_is_refused():
+    with pytest.raises(ValueError, match=r"drafting\.policy"):
+        DraftPolicy("greedy")
+    with pytest.raises(ValueError):
+        DraftPolicy("adaptive", gamma_min=5, gamma_max=3)
+
+
+def test_per_round_overhead_counts_like_waiting():
+    def chosen(overhead_s):
+        policy = DraftPolicy("adaptive", gamma=4, gamma_min=1, gamma_max=16)
+        for _ in range(5):
+            policy.observe_step(DRAFT_S)
+            policy.observe_round(drafted=6, accepted=4, wait_s=5 * MS)
+            policy.observe_overhead(overhead_s)
+        return policy.block_length()
+
+    assert chosen(20 * MS) > chosen(0.0)
+    expected = choose_block_length(0.8, DRAFT_S, 0.0, 25 * MS, 1, 16)
+    assert chosen(20 * MS) == expected
