@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of random init")
+    ap.add_argument("--kind-weights", default=None, help="question-kind mix, e.g. position=0.4,shape=0.3,...")
     ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
     ap.add_argument("--data-offset", type=int, default=0, help="first train-split index (use fresh samples)")
     args = ap.parse_args(argv)
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     rng = random.Random(args.seed)
-    kinds, weights = zip(*TRAIN_KIND_WEIGHTS.items(), strict=True)
+    mix = dict(TRAIN_KIND_WEIGHTS)
+    if args.kind_weights:
+        mix = {k: float(v) for k, v in (item.split("=") for item in args.kind_weights.split(","))}
+    kinds, weights = zip(*mix.items(), strict=True)
     val = load_split("val", args.eval_samples, seed=args.seed)
     index = args.data_offset
     started = time.time() - previous.get("train_seconds", 0.0)  # wall time accumulates across continuations
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": lr,
         "seed": args.seed,
         "data_offset": args.data_offset,
-        "kind_weights": TRAIN_KIND_WEIGHTS,
+        "kind_weights": mix,
     }
     for step in range(args.steps):
         batch_samples = []
