@@ -293,7 +293,6 @@ class Device:
         s = self.settings
         start = time.perf_counter()
         draft = self.draft
-        eos = draft.eos_token_id
         gen = torch.Generator().manual_seed(s.seed + 1)
         inputs = draft.prepare(image, question)
         if s.prune_target:  # the edge needs the kept tokens in the upload
@@ -318,30 +317,10 @@ class Device:
             k = min(s.gamma, s.max_new_tokens - len(committed))
             base = state.seq_len
             ids, q_rows, logits = self._compute(self._draft_block, state, logits, k, gen)
-            self.transport.send(VerifyRequest(
-                sid, seq, ids, committed_len=len(committed), last_token=last_token,
-                draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
-                draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
-            ))  # fmt: skip
+            self._send_block(sid, seq, ids, q_rows, len(committed), last_token)
             reply = self._wait(VerifyResponse)
-            check_against(reply, draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
-                          num_drafted=len(ids), expected_seq=seq)  # fmt: skip
             n = reply.num_accepted
-            more_before = result.more_candidate_requests
-            token = self._finish_round(sid, seq, reply, ids, q_rows, gen, result)
-            if not result.token_ids and n + (token is not None) > 0:
-                result.ttft_s = time.perf_counter() - start
-            result.rounds += 1
-            result.num_drafted += len(ids)
-            result.num_accepted += n
-            result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
-            hit_eos = n > 0 and ids[n - 1] == eos
-            committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
-            done = hit_eos or token is None or token == eos
-            if not done:
-                committed.append(token)
-            done = done or len(committed) >= s.max_new_tokens
-            result.token_ids = committed
+            token, done = self._settle_round(sid, seq, reply, ids, q_rows, gen, result, committed, start)
             if done:
                 break
             # Crop to the accepted prefix (x_k was never fed) and feed what the draft has not seen.
@@ -351,9 +330,53 @@ class Device:
             logits = self._compute(draft.forward, state, torch.tensor([*ids[keep_n:n], token]))[-1]
             last_token = token
             seq += 1
+        return self._close(sid, result, committed, start)
+
+    def _send_block(
+        self, sid: str, seq: int, ids: list[int], q_rows: torch.Tensor, committed_len: int, last_token: int
+    ) -> None:
+        """VerifyRequest for a drafted block: ids, q(x_i) when sampling, all q rows for vanilla_sd."""
+        s = self.settings
+        self.transport.send(VerifyRequest(
+            sid, seq, ids, committed_len=committed_len, last_token=last_token,
+            draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
+            draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
+        ))  # fmt: skip
+
+    def _settle_round(
+        self, sid: str, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
+        gen: torch.Generator, result: RequestResult, committed: list[int], start: float,
+    ) -> tuple[int | None, bool]:  # fmt: skip
+        """Check the verdict, commit the accepted drafts and the round's last token, record the round.
+
+        Returns the committed bonus/correction (None when the round ended on EOS) and whether the request is done.
+        """
+        s = self.settings
+        eos = self.draft.eos_token_id
+        check_against(reply, self.draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
+                      num_drafted=len(ids), expected_seq=seq)  # fmt: skip
+        n = reply.num_accepted
+        more_before = result.more_candidate_requests
+        token = self._finish_round(sid, seq, reply, ids, q_rows, gen, result)
+        if not result.token_ids and n + (token is not None) > 0:
+            result.ttft_s = time.perf_counter() - start
+        result.rounds += 1
+        result.num_drafted += len(ids)
+        result.num_accepted += n
+        result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
+        hit_eos = n > 0 and ids[n - 1] == eos
+        committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
+        done = hit_eos or token is None or token == eos
+        if not done:
+            committed.append(token)
+        result.token_ids = committed
+        return token, done or len(committed) >= s.max_new_tokens
+
+    def _close(self, sid: str, result: RequestResult, committed: list[int], start: float) -> RequestResult:
+        """Close the session and finish the request's result."""
         self.transport.send(Close(sid))
-        result.token_ids = committed[: s.max_new_tokens]
-        result.text = draft.decode(result.token_ids)
+        result.token_ids = committed[: self.settings.max_new_tokens]
+        result.text = self.draft.decode(result.token_ids)
         result.latency_s = time.perf_counter() - start
         result.device_busy_s, result.device_idle_s = self._busy, self._idle
         result.traffic = self.transport.traffic

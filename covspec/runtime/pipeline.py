@@ -34,14 +34,10 @@ from covspec.decoding.drafting import DraftPolicy
 from covspec.decoding.sampling import probs_from_logits, sample
 from covspec.models.kvcache import KVSuffix, graft, take_suffix
 from covspec.protocol import (
-    Close,
     ErrorReply,
-    Round,
     SessionOpened,
-    VerifyRequest,
     VerifyResponse,
     check_against,
-    probs_to_bytes,
 )
 from covspec.runtime.device import Device, DeviceSettings, EdgeError, RequestResult
 
@@ -96,7 +92,7 @@ class PipelinedLoop:
 
     def run(self, sid: str, start: float, result: RequestResult) -> RequestResult:
         """Decode the session ``sid`` (opened, draft prefilled) into ``result``; ``start``: the request's start."""
-        d, s, draft = self.device, self.s, self.draft
+        d, s = self.device, self.s
         committed: list[int] = []
         live: list[DraftToken] = []  # drafted during the last wait by the branch that matched
         last_token, seq = -1, 0
@@ -110,47 +106,21 @@ class PipelinedLoop:
             rnd = self._block(live, min(gamma, s.max_new_tokens - len(committed)))
             ids = [t.id for t in rnd.block]
             q_rows = torch.stack([t.q for t in rnd.block])  # [k, V]
-            d.transport.send(VerifyRequest(
-                sid, seq, ids, committed_len=len(committed), last_token=last_token,
-                draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
-                draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
-            ))  # fmt: skip
+            d._send_block(sid, seq, ids, q_rows, len(committed), last_token)
             sent = time.perf_counter()
             reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
-            check_against(reply, draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
-                          num_drafted=len(ids), expected_seq=seq)  # fmt: skip
             n = reply.num_accepted
             self.policy.observe_round(len(ids), n, wait)
-            more_before = result.more_candidate_requests
-            token = d._finish_round(sid, seq, reply, ids, q_rows, self.gen, result)
-            if not result.token_ids and n + (token is not None) > 0:
-                result.ttft_s = time.perf_counter() - start
-            result.rounds += 1
-            result.num_drafted += len(ids)
-            result.num_accepted += n
-            result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
-            hit_eos = n > 0 and ids[n - 1] == self.eos
-            committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
-            done = hit_eos or token is None or token == self.eos
-            if not done:
-                committed.append(token)
-            done = done or len(committed) >= s.max_new_tokens
-            result.token_ids = committed
+            token, done = d._settle_round(sid, seq, reply, ids, q_rows, self.gen, result, committed, start)
             if done:
                 break
             live = self._resolve(rnd, n, token)
             last_token = token
             seq += 1
-        d.transport.send(Close(sid))
-        result.token_ids = committed[: s.max_new_tokens]
-        result.text = draft.decode(result.token_ids)
-        result.latency_s = time.perf_counter() - start
-        result.device_busy_s, result.device_idle_s = d._busy, d._idle
-        result.traffic = d.transport.traffic
         result.branch_hits, result.branch_misses, result.tokens_reused = self.hits, self.misses, self.reused
-        return result
+        return d._close(sid, result, committed, start)
 
     # -- drafting ------------------------------------------------------------------------------
 
