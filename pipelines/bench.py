@@ -219,7 +219,9 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
                 row["projected_reduction_vs_vanilla"] = 1 - row["projected_bytes_per_token"] / vpt
         row["exact_match"] = s.mean("exact_match")
         matches = [r["matches_target_only"] for r in s.rows if r.get("matches_target_only") is not None]
-        row["identical_to_target_only"] = sum(matches) / len(matches) if matches else None
+        # Greedy output must equal target-only token for token; sampled output is only equal in distribution.
+        greedy = cfg.generation.temperature == 0
+        row["identical_to_target_only"] = sum(matches) / len(matches) if matches and greedy else None
         busy, idle = s.sum("device_busy_s"), s.sum("device_idle_s")
         speculative = name not in ("target_only", "draft_only", HF_PEER)
         row["device_idle_fraction"] = idle / (busy + idle) if speculative and busy + idle > 0 else None
