@@ -4,8 +4,8 @@ A tiny random pair whose draft disagrees with the target, temperature 1, a fixed
 generated token of 20,000 independent covspec requests (one seed each) must follow the target's exact
 distribution p at that position: chi-square goodness of fit p-value > 1e-3 and total variation < 0.02.
 A deliberately broken corrector (always take the first candidate) must fail the same test. With adaptive drafting
-and parallel branching on, the first two tokens must also follow the target's joint distribution, and a draft close
-to the target (so that branches match often) must keep the first three tokens exact.
+and parallel branching on (6,000 requests), the first two tokens must also follow the target's joint distribution,
+and a draft close to the target (so that branches match often) must keep the first three tokens exact.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from covspec.runtime.transport import InProcessTransport
 SPEC = TinySpec(image_size=16, patch_size=8, vision_hidden=16, hidden=32, layers=1, heads=2, kv_heads=2, init_scale=0.5)
 TEMPERATURE = 1.0
 DRAWS = 20_000
+BRANCHING_DRAWS = 6_000  # the pipelined loop costs ~2x per request; keeps the suite under 15 min
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +121,14 @@ def test_covspec_first_token_follows_target_distribution(setup, variant):
     if variant == "fixed":
         counts = first_tokens(setup, "covspec", DRAWS)
     else:  # two tokens, so that the second comes from a branch whenever one matched
-        tokens, results = generations(setup, "covspec", DRAWS, max_new_tokens=2, **PIPELINED)
-        assert sum(r.branch_hits + r.branch_misses for r in results) > DRAWS // 2  # the branching loop ran
+        tokens, results = generations(setup, "covspec", BRANCHING_DRAWS, max_new_tokens=2, **PIPELINED)
+        assert sum(r.branch_hits + r.branch_misses for r in results) > BRANCHING_DRAWS // 2  # the branching loop ran
         counts = np.bincount(tokens[:, 0], minlength=len(p)).astype(float)
         pvalue, tv = fit(pair_counts(tokens, len(p)), pair_probs(setup).ravel())
         assert pvalue > 1e-3, (pvalue, tv)
     pvalue, tv = fit(counts, p)
-    assert pvalue > 1e-3 and tv < 0.02, (pvalue, tv)
+    # TV of an empirical distribution shrinks like 1/sqrt(n): 0.02 at 20,000 draws is 0.037 at 6,000
+    assert pvalue > 1e-3 and tv < 0.02 * (DRAWS / counts.sum()) ** 0.5, (pvalue, tv)
 
 
 @pytest.mark.slow
