@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from covspec.protocol import (
+    PROTOCOL_VERSION,
     Close,
     ErrorCode,
     ErrorReply,
@@ -150,8 +151,8 @@ def test_truncated(cut):
 
 
 def test_too_short_and_not_a_message():
-    assert_refused(b"\x01", ErrorCode.TRUNCATED)
-    assert_refused(b"\x01" + msgspec.msgpack.encode({"a": 1}), ErrorCode.MALFORMED)
+    assert_refused(bytes([PROTOCOL_VERSION]), ErrorCode.TRUNCATED)
+    assert_refused(bytes([PROTOCOL_VERSION]) + msgspec.msgpack.encode({"a": 1}), ErrorCode.MALFORMED)
     assert_refused(encode(Close(session_id=SID)) + b"\x00", ErrorCode.MALFORMED, "trailing")
 
 
@@ -300,7 +301,7 @@ def test_inconsistent_responses_refused_on_the_device():
 
 def test_error_reply_for_an_undecodable_frame():
     with pytest.raises(ProtocolError) as info:
-        decode(b"\x01\x00")
+        decode(bytes([PROTOCOL_VERSION, 0]))
     reply = error_reply(info.value)
     assert (reply.session_id, reply.seq, reply.code) == ("", -1, ErrorCode.TRUNCATED)
     assert decode(encode(reply)) == reply

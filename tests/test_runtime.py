@@ -12,6 +12,7 @@ from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
 from covspec.models.tiny import TINY_SPECS, TinySpec, tiny_llava
 from covspec.protocol import (
+    PROTOCOL_VERSION,
     Close,
     ErrorReply,
     Link,
@@ -195,7 +196,8 @@ def test_bad_probabilities_and_raw_frames_are_refused(tiny_edge):
         VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1, draft_probs=probs_to_bytes(np.array([0.5])))
     )
     assert _reply(edge, short).code == "length_mismatch"
-    for frame in (b"", b"\x01", b"\x07\x91\x02", b"\x01\x93\x02\xa1x", b"\x01" + b"\x92\x02" + b"\xc6\xff\xff\xff\xff"):
+    v = bytes([PROTOCOL_VERSION])
+    for frame in (b"", v, b"\x07\x91\x02", v + b"\x93\x02\xa1x", v + b"\x92\x02" + b"\xc6\xff\xff\xff\xff"):
         assert isinstance(_reply(edge, frame), ErrorReply)
     huge = encode(VerifyRequest(sid, 0, [5], committed_len=0, last_token=-1,
                                 draft_dists=b"\x00" * (65 << 20)))  # fmt: skip
@@ -237,7 +239,7 @@ def test_edge_error_surfaces_on_device():
     edge = Edge(target)
     sample = load_split("test", 1)[0]
     transport = InProcessTransport(edge.handle, Link(colocated_profile()))
-    transport.send_raw(b"\x01\x91\x63")
+    transport.send_raw(bytes([PROTOCOL_VERSION]) + b"\x91\x63")
     assert isinstance(transport.recv(timeout=5), ErrorReply)
     transport.close()
     r = run(edge, tiny_llava(TinySpec(), 1), "covspec", sample, max_new_tokens=4)

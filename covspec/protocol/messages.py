@@ -44,7 +44,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 WIRE_MODES = ("target_only", "vanilla_sd", "dssd", "covspec")
 """How a method talks to the edge; covspec's ablations use the ``covspec`` mode."""
@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     VOCAB_MISMATCH = "vocab_mismatch"
     SESSION_EXISTS = "session_exists"
     UNKNOWN_SESSION = "unknown_session"  # for the edge: a session that expired or never existed
+    UNAVAILABLE = "unavailable"  # made by a device's transport: the edge could not be reached or lost the call
     SEQ_MISMATCH = "seq_mismatch"
     COMMITTED_MISMATCH = "committed_mismatch"
 
@@ -135,6 +136,11 @@ class OpenSession(_Message, tag=1):
     keep: list[Count] = []
     """Lossy ``pruning.prune_target`` mode only: sorted indices of the visual tokens (0..N-1, N the image placeholders
     in ``prompt_ids``) the target prefills with; empty (the default, omitted from the frame): every token."""
+    committed: list[TokenId] = []
+    """Reopening a session the edge lost (expired, or its replica restarted): the tokens generated so far, which the
+    target prefills after the prompt. Empty (the default, omitted) for a new request."""
+    seq: Count = 0
+    """Reopening: the seq of the next ``VerifyRequest`` (speculative) or ``TokenChunk`` (target_only)."""
 
 
 class VerifyRequest(_Message, tag=2):

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from PIL import Image
@@ -35,6 +36,7 @@ from covspec.decoding.verify import correct_from_candidates, correct_from_residu
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
     Close,
+    ErrorCode,
     ErrorReply,
     MoreCandidates,
     OpenSession,
@@ -55,10 +57,34 @@ from covspec.runtime.transport import Transport
 
 SPECULATIVE_METHODS = ("vanilla_sd", "dssd", "covspec")
 ALL_METHODS = ("target_only", "draft_only", *SPECULATIVE_METHODS)
+MAX_REOPENS = 5
+"""Times one request may reopen its edge session (lost to expiry or a restarted edge) before it gives up."""
+_RECOVERABLE = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNAVAILABLE)
 
 
 class EdgeError(RuntimeError):
-    """The edge refused a frame of ours (a bug on one side); carries the edge's code and message."""
+    """The edge refused a frame of ours (a bug on one side), or a lost session could not be reopened."""
+
+
+@dataclass
+class EdgeSession:
+    """The device's handle on its session at the edge, with what it needs to reopen it.
+
+    A session can vanish (expired; its edge replica restarted; routed to a replica that never had it). The device
+    then reopens it from its committed tokens: the same ``OpenSession`` with a fresh id, ``committed`` (the target
+    prefills prompt + committed tokens) and the next ``seq``, and resends the block in flight with ``last_token=-1``
+    (the edge has already fed every committed token). Greedy output is unchanged; sampling stays exact (the reopened
+    session draws from a fresh random stream). A session lost while the device asks for more candidates cannot be
+    resumed mid-correction: the request fails with ``EdgeError`` (the cluster retries the sample).
+    """
+
+    open_msg: OpenSession
+    in_flight: tuple[VerifyRequest, list[int]] | None = None  # the block awaiting its verdict, committed tokens
+    reopens: int = 0
+
+    @property
+    def sid(self) -> str:
+        return self.open_msg.session_id
 
 
 @dataclass
@@ -114,6 +140,7 @@ class RequestResult:
     branch_misses: int = 0  # rounds (with branching on) where no branch matched the verdict
     tokens_reused: int = 0  # drafts taken from matching branches into later blocks
     controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
+    session_reopens: int = 0  # times the edge session was lost and reopened from the committed tokens
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +175,7 @@ class RequestResult:
             "branch_hit_rate": self.branch_hits / branch_rounds if branch_rounds else None,
             "tokens_reused": self.tokens_reused,
             "controller_gammas": self.controller_gammas,
+            "session_reopens": self.session_reopens,
             "visual_tokens": self.visual_tokens,
             "visual_tokens_kept": self.visual_tokens_kept,
             "draft_prefill_s": self.draft_prefill_s,
@@ -182,6 +210,9 @@ class Device:
         self._idle = 0.0
         self._timing = (0.0, 0.0)  # (pruner_s, vision tower share of the prefill) of the request in progress
         self.draft_policy = None  # adaptive drafting: its estimates carry over to this device's next requests
+        self.session: EdgeSession | None = None  # the request in progress's session at the edge
+        self._streamed: list[int] = []  # target_only: tokens received so far
+        self._chunks = 0  # target_only: TokenChunks received so far
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -198,15 +229,51 @@ class Device:
     def _wait(self, kind: type) -> Any:
         t = time.perf_counter()
         while True:
-            msg = self.transport.recv(timeout=self.settings.reply_timeout_s)
-            if isinstance(msg, ErrorReply):
-                raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
-            if isinstance(msg, kind):
+            msg = self._accept(self.transport.recv(timeout=self.settings.reply_timeout_s), kind)
+            if msg is not None:
                 self._idle += time.perf_counter() - t
                 return msg
-            if not isinstance(msg, SessionOpened):
-                raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
-            check_against(msg, self.draft.vocab_size if self.draft else msg.vocab_size)
+
+    def _accept(self, msg: Any, kind: type) -> Any:
+        """``msg`` if it is the awaited reply; None for frames to skip (stale, SessionOpened, a recovered loss)."""
+        current = self.session.sid if self.session is not None else None
+        if current is not None and getattr(msg, "session_id", "") not in ("", current):
+            return None  # a late frame of a session this device already left (closed, or reopened under a new id)
+        if isinstance(msg, ErrorReply):
+            if msg.code in _RECOVERABLE and self._reopen(kind):
+                return None
+            raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
+        if isinstance(msg, kind):
+            return msg
+        if not isinstance(msg, SessionOpened):
+            raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
+        check_against(msg, self.draft.vocab_size if self.draft else msg.vocab_size)
+        return None
+
+    def _reopen(self, kind: type) -> bool:
+        """Reopen a lost session from the committed tokens and resend what was in flight; False if impossible."""
+        sess = self.session
+        if sess is None or sess.reopens >= MAX_REOPENS:
+            return False
+        if kind is TokenChunk:
+            committed, seq, block = list(self._streamed), self._chunks, None
+        elif kind is VerifyResponse and sess.in_flight is not None:
+            block, committed = sess.in_flight
+            seq = block.seq
+        else:
+            return False
+        if len(committed) >= sess.open_msg.max_new_tokens:
+            return False
+        sess.reopens += 1
+        time.sleep(min(0.05 * 2**sess.reopens, 1.0))  # give a restarting edge replica a moment (idle time)
+        sess.open_msg = msgspec.structs.replace(sess.open_msg, session_id=new_session_id(), committed=committed,
+                                                seq=seq)  # fmt: skip
+        self.transport.send(sess.open_msg)
+        if block is not None:
+            block = msgspec.structs.replace(block, session_id=sess.sid, last_token=-1)
+            sess.in_flight = (block, committed)
+            self.transport.send(block)
+        return True
 
     def _prune(self, inputs: PromptInputs, keep: torch.Tensor | None) -> torch.Tensor | None:
         """``keep`` if given, else the pruner's choice. The vision tower, which the prefill needs anyway, runs first
@@ -257,29 +324,36 @@ class Device:
                              visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep),
                              pruner_s=self._timing[0])  # fmt: skip
 
-    def _open(self, image: Image.Image, prompt_ids: list[int], method: str, keep: torch.Tensor | None = None) -> str:
+    def _open(self, image: Image.Image, prompt_ids: list[int], method: str, keep: torch.Tensor | None = None) -> None:
         s = self.settings
-        sid = new_session_id()
-        self.transport.send(OpenSession(sid, method, prompt_ids, png_bytes(image), "png", s.temperature, s.top_p,
-                                        s.max_new_tokens, s.seed, s.num_candidates,
-                                        [] if keep is None else keep.tolist()))  # fmt: skip
-        return sid
+        kept = [] if keep is None else keep.tolist()
+        msg = OpenSession(new_session_id(), method, prompt_ids, png_bytes(image), "png", s.temperature, s.top_p,
+                          s.max_new_tokens, s.seed, s.num_candidates, kept)  # fmt: skip
+        self.session = EdgeSession(msg)
+        self.transport.send(msg)
 
     def _target_only(self, image: Image.Image, question: str) -> RequestResult:
         start = time.perf_counter()
         prompt_ids = self._prompt_ids(image, question)
         self._open(image, prompt_ids, "target_only")
-        tokens: list[int] = []
+        tokens = self._streamed = []
+        self._chunks = 0
         ttft = 0.0
         while True:
             chunk = self._wait(TokenChunk)
+            self._chunks += 1
             if not tokens and chunk.token_ids:
                 ttft = time.perf_counter() - start
             tokens.extend(chunk.token_ids)
             if chunk.finished:
                 break
+        self.session = None  # the edge ends a finished stream's session itself
         return RequestResult("target_only", tokens, self._decode(tokens), time.perf_counter() - start, ttft,
-                             device_idle_s=self._idle, traffic=self.transport.traffic)  # fmt: skip
+                             device_idle_s=self._idle, traffic=self.transport.traffic,
+                             session_reopens=self._reopens())  # fmt: skip
+
+    def _reopens(self) -> int:
+        return self.session.reopens if self.session is not None else 0
 
     def _prompt_ids(self, image: Image.Image, question: str) -> list[int]:
         if self.draft is None:
@@ -297,9 +371,9 @@ class Device:
         inputs = draft.prepare(image, question)
         if s.prune_target:  # the edge needs the kept tokens in the upload
             keep = self._prune(inputs, keep)
-            sid = self._open(image, inputs.input_ids.tolist(), s.method, keep)
+            self._open(image, inputs.input_ids.tolist(), s.method, keep)
         else:  # upload first: pruning and prefill overlap with it
-            sid = self._open(image, inputs.input_ids.tolist(), s.method)
+            self._open(image, inputs.input_ids.tolist(), s.method)
             keep = self._prune(inputs, keep)
         state, logits, prefill_s = self._prefill(inputs, keep)
         result = RequestResult(s.method, [], "", 0.0, 0.0, visual_tokens=inputs.num_visual_tokens,
@@ -309,7 +383,7 @@ class Device:
         if s.pipelined:  # adaptive drafting / parallel branching (covspec.runtime.pipeline); below: fixed gamma
             from covspec.runtime.pipeline import PipelinedLoop
 
-            return PipelinedLoop(self, state, logits, gen).run(sid, start, result)
+            return PipelinedLoop(self, state, logits, gen).run(start, result)
         committed: list[int] = []
         last_token = -1
         seq = 0
@@ -317,10 +391,10 @@ class Device:
             k = min(s.gamma, s.max_new_tokens - len(committed))
             base = state.seq_len
             ids, q_rows, logits = self._compute(self._draft_block, state, logits, k, gen)
-            self._send_block(sid, seq, ids, q_rows, len(committed), last_token)
+            self._send_block(seq, ids, q_rows, committed, last_token)
             reply = self._wait(VerifyResponse)
             n = reply.num_accepted
-            token, done = self._settle_round(sid, seq, reply, ids, q_rows, gen, result, committed, start)
+            token, done = self._settle_round(seq, reply, ids, q_rows, gen, result, committed, start)
             if done:
                 break
             # Crop to the accepted prefix (x_k was never fed) and feed what the draft has not seen.
@@ -330,21 +404,23 @@ class Device:
             logits = self._compute(draft.forward, state, torch.tensor([*ids[keep_n:n], token]))[-1]
             last_token = token
             seq += 1
-        return self._close(sid, result, committed, start)
+        return self._close(result, committed, start)
 
     def _send_block(
-        self, sid: str, seq: int, ids: list[int], q_rows: torch.Tensor, committed_len: int, last_token: int
+        self, seq: int, ids: list[int], q_rows: torch.Tensor, committed: list[int], last_token: int
     ) -> None:
         """VerifyRequest for a drafted block: ids, q(x_i) when sampling, all q rows for vanilla_sd."""
         s = self.settings
-        self.transport.send(VerifyRequest(
-            sid, seq, ids, committed_len=committed_len, last_token=last_token,
+        block = VerifyRequest(
+            self.session.sid, seq, ids, committed_len=len(committed), last_token=last_token,
             draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
             draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
-        ))  # fmt: skip
+        )  # fmt: skip
+        self.session.in_flight = (block, list(committed))
+        self.transport.send(block)
 
     def _settle_round(
-        self, sid: str, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
+        self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
         gen: torch.Generator, result: RequestResult, committed: list[int], start: float,
     ) -> tuple[int | None, bool]:  # fmt: skip
         """Check the verdict, commit the accepted drafts and the round's last token, record the round.
@@ -357,7 +433,8 @@ class Device:
                       num_drafted=len(ids), expected_seq=seq)  # fmt: skip
         n = reply.num_accepted
         more_before = result.more_candidate_requests
-        token = self._finish_round(sid, seq, reply, ids, q_rows, gen, result)
+        self.session.in_flight = None
+        token = self._finish_round(seq, reply, ids, q_rows, gen, result)
         if not result.token_ids and n + (token is not None) > 0:
             result.ttft_s = time.perf_counter() - start
         result.rounds += 1
@@ -372,9 +449,11 @@ class Device:
         result.token_ids = committed
         return token, done or len(committed) >= s.max_new_tokens
 
-    def _close(self, sid: str, result: RequestResult, committed: list[int], start: float) -> RequestResult:
+    def _close(self, result: RequestResult, committed: list[int], start: float) -> RequestResult:
         """Close the session and finish the request's result."""
-        self.transport.send(Close(sid))
+        self.transport.send(Close(self.session.sid))
+        result.session_reopens = self._reopens()
+        self.session = None
         result.token_ids = committed[: self.settings.max_new_tokens]
         result.text = self.draft.decode(result.token_ids)
         result.latency_s = time.perf_counter() - start
@@ -400,7 +479,7 @@ class Device:
         return ids, torch.stack(rows), logits
 
     def _finish_round(
-        self, sid: str, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
+        self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
         gen: torch.Generator, result: RequestResult,
     ) -> int | None:  # fmt: skip
         """The token committed after the accepted drafts, or None when the round ended on EOS."""
@@ -427,7 +506,7 @@ class Device:
             if token is not None:
                 return int(token)
             result.more_candidate_requests += 1
-            self.transport.send(MoreCandidates(sid, seq))
+            self.transport.send(MoreCandidates(self.session.sid, seq))
             reply = self._wait(VerifyResponse)
             if reply.target_dists:  # the edge gave up on candidates and sent the full row
                 row = torch.from_numpy(np.array(bytes_to_probs(reply.target_dists)))

@@ -11,8 +11,16 @@ One round of verification for a block x_1..x_k (p = target, q = draft):
    (dssd) or all k+1 rows (vanilla_sd).
 4. Crop the target cache to the accepted prefix.
 
+Batching: ``process`` takes a list of work items (frames from any devices, and ``Step``s that decode one more
+token of a target_only stream) and runs **one batched target forward** (``adapter.forward_batch``) for every
+verification and decode step among them, over sessions of different lengths. Each item is checked first, then the
+forward runs, then each session is finished; a session named twice in one batch is handled in a second pass.
+``handle`` is the single-frame path the in-process transport uses; the Ray Serve edge (``covspec.cluster``) groups
+frames from all devices with ``@serve.batch`` and calls ``process``.
+
 Every check happens before any state changes: a bad frame gets an ``ErrorReply`` and the session is
-exactly as it was.
+exactly as it was. A session belongs to the peer that opened it (the transport's identity of a device); a frame
+from another peer naming it is refused as unknown, exactly like an expired session, and changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +62,27 @@ from covspec.protocol import (
 CANDIDATE_ROUNDS_BEFORE_FULL_ROW = 8
 """After this many refused candidate batches the edge ships the full p row (still exact, see verify.py)."""
 
+Reply = tuple[Message, bytes]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame from a device. ``peer``: the transport's identity of the sender ("" in one process)."""
+
+    payload: bytes
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """Decode (and stream) the next token of the target_only session ``session_id``."""
+
+    session_id: str
+    peer: str = ""
+
+
+Work = Frame | Step
+
 
 @dataclass
 class Expected:
@@ -77,8 +106,9 @@ class Session:
     state: DecodeState
     last_logits: torch.Tensor  # [V] target logits at the end of the cache
     generator: torch.Generator
+    peer: str = ""
     committed: list[int] = field(default_factory=list)  # fed into the target cache
-    seq: int = 0  # next expected VerifyRequest.seq
+    seq: int = 0  # next expected VerifyRequest.seq (target_only: next TokenChunk.seq)
     expected: Expected | None = None  # None in round 0
     more_requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -91,73 +121,140 @@ class Session:
 @dataclass
 class EdgeStats:
     busy_s: float = 0.0
-    forwards: int = 0
+    forwards: int = 0  # target forwards (a batched forward counts once)
     verify_rounds: int = 0
+    decode_steps: int = 0  # target_only tokens decoded
     errors: int = 0
+    batches: int = 0  # calls of ``process``
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # sessions in one batched forward -> how often
+
+    def to_dict(self) -> dict:
+        return {
+            "busy_s": self.busy_s,
+            "forwards": self.forwards,
+            "verify_rounds": self.verify_rounds,
+            "decode_steps": self.decode_steps,
+            "errors": self.errors,
+            "batches": self.batches,
+            "batch_sizes": dict(self.batch_sizes),
+        }
+
+
+@dataclass
+class _Job:
+    """A session's share of a batched forward: the tokens to score and what to do with the logits."""
+
+    session: Session
+    tokens: list[int]
+    finish: Callable[[torch.Tensor], list[Message]]
 
 
 class Edge:
-    """Holds the target adapter and the sessions; ``handle`` turns one frame into reply frames.
+    """Holds the target adapter and the sessions; ``process`` answers a batch of work, ``handle`` one frame.
 
-    Thread-safe: one frame is processed at a time (one model, one compute stream).
+    Thread-safe: one batch is processed at a time (one model, one compute stream).
 
     Args:
-        target: the target VLM adapter.
+        target: the target VLM adapter (``forward_batch`` is used when it has one).
         session_ttl_s: sessions idle for longer are dropped (the device reopens them).
-        stream_chunk: target_only streams tokens in chunks of this many tokens.
     """
 
-    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0, stream_chunk: int = 1) -> None:
+    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0) -> None:
         self.target = target
         self.vocab_size = target.vocab_size
         self.sessions: dict[str, Session] = {}
         self.seen_ids: set[str] = set()
         self.session_ttl_s = session_ttl_s
-        self.stream_chunk = stream_chunk
         self.stats = EdgeStats()
         self._lock = threading.Lock()
 
-    # -- frame handling ------------------------------------------------------------------------
+    # -- entry points --------------------------------------------------------------------------
 
-    def handle(self, payload: bytes) -> Iterator[tuple[Message, bytes]]:
-        """Replies to one frame, as (message, encoded frame) pairs, in order."""
+    def handle(self, payload: bytes, peer: str = "") -> Iterator[Reply]:
+        """Replies to one frame, in order; a target_only OpenSession streams its tokens one ``Step`` at a time."""
+        replies = self.process([Frame(payload, peer)])[0]
+        yield from replies
+        sid = self.stream_opened(replies)
+        while sid is not None:
+            replies = self.process([Step(sid, peer)])[0]
+            yield from replies
+            if not replies or any(isinstance(m, ErrorReply) or (isinstance(m, TokenChunk) and m.finished)
+                                  for m, _ in replies):  # fmt: skip
+                break
+
+    def stream_opened(self, replies: list[Reply]) -> str | None:
+        """The session id when ``replies`` opened a target_only stream that still has tokens to decode."""
+        for msg, _ in replies:
+            if isinstance(msg, SessionOpened):
+                s = self.sessions.get(msg.session_id)
+                if s is not None and s.method == "target_only":
+                    return msg.session_id
+        return None
+
+    def process(self, work: list[Work]) -> list[list[Reply]]:
+        """Answers every item of ``work``: the replies of item i (encoded) are ``result[i]``, in order."""
         with self._lock:
             start = time.perf_counter()
-            try:
-                msg = decode(payload, expected=UP_MESSAGES)
-            except ProtocolError as err:
-                self.stats.errors += 1
-                yield from self._emit(error_reply(err))
-                return
-            try:
-                for reply in self._dispatch(msg):
-                    self.stats.busy_s += time.perf_counter() - start
-                    yield from self._emit(reply)
-                    start = time.perf_counter()
-            except ProtocolError as err:
-                self.stats.errors += 1
-                yield from self._emit(error_reply(err, msg))
+            self.expire_idle()
+            self.stats.batches += 1
+            replies: list[list[Message]] = [[] for _ in work]
+            pending = list(range(len(work)))
+            while pending:  # a session named twice in one batch waits for the next pass
+                jobs: dict[int, _Job] = {}
+                busy: set[str] = set()
+                deferred = []
+                for i in pending:
+                    job = self._admit(work[i], replies[i], busy, deferred, i)
+                    if job is not None:
+                        jobs[i] = job
+                        busy.add(job.session.session_id)
+                self._run_jobs(jobs, replies)
+                pending = deferred
+            out = [[(m, encode(m)) for m in msgs] for msgs in replies]
             self.stats.busy_s += time.perf_counter() - start
+            return out
 
-    @staticmethod
-    def _emit(msg: Message) -> Iterator[tuple[Message, bytes]]:
-        yield msg, encode(msg)
+    # -- admission: checks, and the work that needs no target forward -------------------------------
 
-    def _dispatch(self, msg: Message) -> Iterator[Message]:
-        self.expire_idle()
-        if isinstance(msg, OpenSession):
-            yield from self._open(msg)
-            return
-        session = self.sessions.get(msg.session_id)
-        if session is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {msg.session_id!r} (expired or never opened)")
-        session.last_used = time.monotonic()
-        if isinstance(msg, VerifyRequest):
-            yield self._verify(session, msg)
-        elif isinstance(msg, MoreCandidates):
-            yield self._more_candidates(session, msg)
-        elif isinstance(msg, Close):
-            del self.sessions[msg.session_id]
+    def _admit(self, item: Work, out: list[Message], busy: set[str], deferred: list[int], i: int) -> _Job | None:
+        """Checks ``item``; answers it at once or returns the job it adds to the batched forward."""
+        msg: Message | None = None
+        try:
+            if isinstance(item, Step):
+                return self._step_job(self._session(item.session_id, item.peer, busy, deferred, i, True), out)
+            msg = decode(item.payload, expected=UP_MESSAGES)
+            if isinstance(msg, OpenSession):
+                out.extend(self._open(msg, item.peer))
+                return None
+            session = self._session(msg.session_id, item.peer, busy, deferred, i)
+            if session is None:
+                return None
+            session.last_used = time.monotonic()
+            if isinstance(msg, VerifyRequest):
+                return self._verify_job(session, msg)
+            if isinstance(msg, MoreCandidates):
+                out.append(self._more_candidates(session, msg))
+            elif isinstance(msg, Close):
+                del self.sessions[msg.session_id]
+            return None
+        except ProtocolError as err:
+            self.stats.errors += 1
+            out.append(error_reply(err, msg))
+            return None
+
+    def _session(
+        self, sid: str, peer: str, busy: set[str], deferred: list[int], i: int, step: bool = False
+    ) -> Session | None:
+        """The live session ``sid`` of ``peer``; None (item deferred) when it is already in this pass's forward."""
+        session = self.sessions.get(sid)
+        if session is None or session.peer != peer:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} (expired or never opened)")
+        if step and session.method != "target_only":
+            raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, f"session {sid!r} is not a target_only stream")
+        if sid in busy:
+            deferred.append(i)
+            return None
+        return session
 
     def expire_idle(self) -> None:
         """Drop sessions idle for longer than ``session_ttl_s``."""
@@ -165,12 +262,37 @@ class Edge:
         for sid in [s for s, sess in self.sessions.items() if now - sess.last_used > self.session_ttl_s]:
             del self.sessions[sid]
 
+    def _run_jobs(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
+        """One target forward for every job (batched when there are several), then each job's finish."""
+        if not jobs:
+            return
+        items = list(jobs.items())
+        states = [job.session.state for _, job in items]
+        tokens = [torch.tensor(job.tokens) for _, job in items]
+        if len(items) > 1 and hasattr(self.target, "forward_batch"):
+            logits = self.target.forward_batch(states, tokens)
+        else:
+            logits = [self.target.forward(st, tk) for st, tk in zip(states, tokens, strict=True)]
+            self.stats.forwards += len(items) - 1
+        self.stats.forwards += 1
+        self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
+        for (i, job), rows in zip(items, logits, strict=True):
+            replies[i].extend(job.finish(rows))
+
     # -- sessions ------------------------------------------------------------------------------
 
-    def _open(self, msg: OpenSession) -> Iterator[Message]:
+    def _open(self, msg: OpenSession, peer: str) -> list[Message]:
         check_against(msg, self.vocab_size, open_sessions=self.seen_ids)
-        if msg.prompt_ids[-1] == self.target.eos_token_id:
+        eos = self.target.eos_token_id
+        if msg.prompt_ids[-1] == eos:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids ends with EOS")
+        if any(t >= self.vocab_size for t in msg.committed):
+            raise ProtocolError(ErrorCode.OUT_OF_VOCAB, "committed holds an id outside the vocabulary")
+        if eos in msg.committed:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "committed holds EOS (a finished answer is not reopened)")
+        if len(msg.committed) >= msg.max_new_tokens:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"committed holds {len(msg.committed)} tokens, "
+                                f"max_new_tokens is {msg.max_new_tokens}")  # fmt: skip
         try:
             with Image.open(io.BytesIO(msg.image)) as img:
                 image = img.convert("RGB")
@@ -185,8 +307,11 @@ class Edge:
         except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {exc}") from exc
         self.stats.forwards += 1
+        if msg.committed:  # a reopened session: the tokens generated so far follow the prompt
+            logits = self.target.forward(state, torch.tensor(list(msg.committed)))[-1]
+            self.stats.forwards += 1
         self.seen_ids.add(msg.session_id)
-        session = Session(
+        self.sessions[msg.session_id] = Session(
             session_id=msg.session_id,
             method=msg.method,
             temperature=msg.temperature,
@@ -195,12 +320,12 @@ class Edge:
             num_candidates=msg.num_candidates,
             state=state,
             last_logits=logits,
-            generator=torch.Generator().manual_seed(msg.seed),
+            generator=torch.Generator().manual_seed(msg.seed + len(msg.committed)),
+            peer=peer,
+            committed=list(msg.committed),
+            seq=msg.seq,
         )
-        self.sessions[msg.session_id] = session
-        yield SessionOpened(msg.session_id, self.vocab_size)
-        if msg.method == "target_only":
-            yield from self._stream(session)
+        return [SessionOpened(msg.session_id, self.vocab_size)]
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
@@ -214,23 +339,27 @@ class Edge:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"keep must be sorted distinct indices in [0, {num_visual})")
         return torch.tensor(msg.keep, dtype=torch.long)
 
-    def _stream(self, s: Session) -> Iterator[Message]:
-        """target_only: decode to EOS or max_new_tokens, streaming TokenChunks."""
-        chunk: list[int] = []
-        seq = 0
-        for i in range(s.max_new_tokens):
-            token = self._pick(s, s.last_logits)
-            last = token == self.target.eos_token_id or i + 1 == s.max_new_tokens
-            if token != self.target.eos_token_id:
-                chunk.append(token)
-            if last or len(chunk) >= self.stream_chunk:
-                yield TokenChunk(s.session_id, seq, chunk, last)
-                seq, chunk = seq + 1, []
-            if last:
-                break
-            s.last_logits = self.target.forward(s.state, torch.tensor([token]))[-1]
-            self.stats.forwards += 1
-        del self.sessions[s.session_id]
+    def _step_job(self, s: Session | None, out: list[Message]) -> _Job | None:
+        """target_only: pick the next token from ``last_logits`` and stream it; feed it unless the stream ends."""
+        if s is None:
+            return None
+        s.last_used = time.monotonic()
+        token = self._pick(s, s.last_logits)
+        eos = self.target.eos_token_id
+        last = token == eos or len(s.committed) + 1 >= s.max_new_tokens
+        out.append(TokenChunk(s.session_id, s.seq, [] if token == eos else [token], last))
+        s.seq += 1
+        self.stats.decode_steps += 1
+        if last:
+            del self.sessions[s.session_id]
+            return None
+
+        def finish(rows: torch.Tensor) -> list[Message]:
+            s.committed.append(token)
+            s.last_logits = rows[-1]
+            return []
+
+        return _Job(s, [token], finish)
 
     def _pick(self, s: Session, logits: torch.Tensor) -> int:
         if not s.sampling:
@@ -255,29 +384,38 @@ class Edge:
         if not ok:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"last_token = {tok} is not a token the edge allowed")
 
-    def _verify(self, s: Session, msg: VerifyRequest) -> VerifyResponse:
+    def _verify_job(self, s: Session, msg: VerifyRequest) -> _Job:
+        """Checks a VerifyRequest (no state changes) and returns its share of the batched forward."""
         committed = len(s.committed) + (0 if s.expected is None else 1)
         check_against(msg, self.vocab_size, mode=s.method, sampling=s.sampling, expected_seq=s.seq,
                       committed_len=committed)  # fmt: skip
         self._check_last_token(s, msg)
         if committed + len(msg.draft_ids) > s.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {len(msg.draft_ids)} exceeds max_new_tokens")
-        eos = self.target.eos_token_id
-        if eos in msg.draft_ids[:-1]:
+        if self.target.eos_token_id in msg.draft_ids[:-1]:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
-        # -- all checks passed: from here on the session changes.
-        draft_ids = torch.tensor(msg.draft_ids)
+        if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
+            q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
         prefix = [] if msg.last_token < 0 else [msg.last_token]
         base_len = s.state.seq_len
-        logits = self.target.forward(s.state, torch.tensor(prefix + msg.draft_ids))  # [c + k, V]
-        self.stats.forwards += 1
+
+        def finish(logits: torch.Tensor) -> list[Message]:  # [c + k, V]
+            return [self._verify_finish(s, msg, prefix, base_len, logits, q if s.sampling else None)]
+
+        return _Job(s, prefix + list(msg.draft_ids), finish)
+
+    def _verify_finish(
+        self, s: Session, msg: VerifyRequest, prefix: list[int], base_len: int, logits: torch.Tensor,
+        q: torch.Tensor | None,
+    ) -> VerifyResponse:  # fmt: skip
+        """Accept/reject from the target rows; commit, crop the cache and build the verdict."""
         self.stats.verify_rounds += 1
+        draft_ids = torch.tensor(msg.draft_ids)
         rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: p_1 .. p_{k+1}
         p = probs_from_logits(rows.float(), s.temperature, s.top_p)  # [k + 1, V]
-        if not s.sampling:
+        if q is None:
             num_accepted, rejected = verify_greedy(draft_ids, rows).num_accepted, None
         else:
-            q = self._draft_probs(s, msg, draft_ids)
             result = verify_sampling(draft_ids, q, p, s.generator)
             num_accepted, rejected = result.num_accepted, result.rejected
         s.committed.extend(prefix + msg.draft_ids[:num_accepted])

@@ -34,12 +34,9 @@ from covspec.decoding.drafting import DraftPolicy
 from covspec.decoding.sampling import probs_from_logits, sample
 from covspec.models.kvcache import KVSuffix, graft, take_suffix
 from covspec.protocol import (
-    ErrorReply,
-    SessionOpened,
     VerifyResponse,
-    check_against,
 )
-from covspec.runtime.device import Device, DeviceSettings, EdgeError, RequestResult
+from covspec.runtime.device import Device, DeviceSettings, RequestResult
 
 if TYPE_CHECKING:
     from covspec.models.base import DecodeState
@@ -90,8 +87,8 @@ class PipelinedLoop:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self, sid: str, start: float, result: RequestResult) -> RequestResult:
-        """Decode the session ``sid`` (opened, draft prefilled) into ``result``; ``start``: the request's start."""
+    def run(self, start: float, result: RequestResult) -> RequestResult:
+        """Decode the device's session (opened, draft prefilled) into ``result``; ``start``: the request's start."""
         d, s = self.device, self.s
         committed: list[int] = []
         live: list[DraftToken] = []  # drafted during the last wait by the branch that matched
@@ -106,21 +103,21 @@ class PipelinedLoop:
             rnd = self._block(live, min(gamma, s.max_new_tokens - len(committed)))
             ids = [t.id for t in rnd.block]
             q_rows = torch.stack([t.q for t in rnd.block])  # [k, V]
-            d._send_block(sid, seq, ids, q_rows, len(committed), last_token)
+            d._send_block(seq, ids, q_rows, committed, last_token)
             sent = time.perf_counter()
             reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
             n = reply.num_accepted
             self.policy.observe_round(len(ids), n, wait)
-            token, done = d._settle_round(sid, seq, reply, ids, q_rows, self.gen, result, committed, start)
+            token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
             if done:
                 break
             live = self._resolve(rnd, n, token)
             last_token = token
             seq += 1
         result.branch_hits, result.branch_misses, result.tokens_reused = self.hits, self.misses, self.reused
-        return d._close(sid, result, committed, start)
+        return d._close(result, committed, start)
 
     # -- drafting ------------------------------------------------------------------------------
 
@@ -200,13 +197,9 @@ class PipelinedLoop:
                 msg = self.device.transport.recv(timeout=0)
             except TimeoutError:
                 return None
-            if isinstance(msg, ErrorReply):
-                raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
-            if isinstance(msg, VerifyResponse):
-                return msg
-            if not isinstance(msg, SessionOpened):
-                raise EdgeError(f"expected VerifyResponse, got {type(msg).__name__}")
-            check_against(msg, self.draft.vocab_size)
+            reply = self.device._accept(msg, VerifyResponse)
+            if reply is not None:
+                return reply
 
     def _branch_work(self, rnd: _Round, committed_len: int) -> Iterator[None]:
         """The drafting done during a wait, most valuable first; yields after every forward."""
