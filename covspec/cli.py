@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _register_commands() -> None:
     """Imports the modules whose subcommands register themselves with :func:`command`."""
+    import covspec.cluster.commands
     import covspec.commands  # noqa: F401
 
 

@@ -27,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from covspec.errors import ConfigError
 
 __all__ = [
+    "ABLATIONS",
+    "BASE_METHODS",
     "BENCHMARKS",
     "DRAFT_POLICIES",
     "DTYPES",
@@ -34,6 +36,7 @@ __all__ = [
     "PRUNING_METHODS",
     "SPLITS",
     "BranchingConfig",
+    "ClusterConfig",
     "Config",
     "DataConfig",
     "DraftingConfig",
@@ -49,12 +52,20 @@ __all__ = [
     "config_to_yaml",
     "flatten",
     "load_config",
+    "load_config_text",
 ]
 
 # Allowed values of the enum-like string fields. Other modules may import these (e.g. to build registries).
-METHODS = ("target_only", "draft_only", "vanilla_sd", "dssd", "covspec")
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "covspec_no_pruning": ("pruning.method=none",),
+    "covspec_no_adaptive": ("drafting.policy=fixed",),
+    "covspec_no_branching": ("branching.budget=0",),
+}
+"""covspec with one of its three ideas switched off: the overrides applied to the config for that method."""
+BASE_METHODS = ("target_only", "draft_only", "vanilla_sd", "dssd", "covspec")
+METHODS = (*BASE_METHODS, *ABLATIONS)
 DTYPES = ("float32", "float16", "bfloat16")
-BENCHMARKS = ("shapes",)  # vqav2, mmbench, mmmu join here once their loaders exist
+BENCHMARKS = ("shapes", "vqav2", "mmbench", "mmmu")  # loaders: covspec.data.load_benchmark
 SPLITS = ("train", "val", "test")
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
@@ -181,7 +192,10 @@ class DataConfig(_Section):
     offset: int = 0
     """Index of the first sample (>= 0)."""
     path: str | None = None
-    """Local data directory or file for real benchmarks; None for the synthetic one."""
+    """Local data directory or file for real benchmarks (required for them); None for the synthetic one. Layouts:
+    docs/benchmarks.md."""
+    subjects: list[str] = field(default_factory=list)
+    """MMMU subjects to load (folder names, e.g. ``[Accounting, Art]``); empty: every subject. MMMU only."""
 
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "benchmark"), self.benchmark, BENCHMARKS)
@@ -189,6 +203,17 @@ class DataConfig(_Section):
         _check_int(_join(prefix, "limit"), self.limit, 1)
         _check_int(_join(prefix, "offset"), self.offset, 0)
         _check_text(_join(prefix, "path"), self.path, optional=True)
+        if self.benchmark != "shapes" and self.path is None:
+            raise ConfigError(f"{_join(prefix, 'path')} must be set for {_join(prefix, 'benchmark')}={self.benchmark}")
+        key = _join(prefix, "subjects")
+        if not isinstance(self.subjects, list):
+            raise ConfigError(f"{key} must be a list of strings, got {self.subjects!r}")
+        for i, subject in enumerate(self.subjects):
+            _check_text(f"{key}[{i}]", subject)
+            if subject in self.subjects[:i]:
+                raise ConfigError(f"{key} lists {subject!r} twice")
+        if self.subjects and self.benchmark != "mmmu":
+            raise ConfigError(f"{key} applies to {_join(prefix, 'benchmark')}=mmmu only, got {self.benchmark!r}")
 
 
 @dataclass
@@ -230,9 +255,9 @@ class ScoreWeights(_Section):
 class PruningConfig(_Section):
     """Training-free visual token pruning before the draft's prefill."""
 
-    method: str = "none"
+    method: str = "joint"
     """Pruner: one of ``PRUNING_METHODS`` (``joint`` is CoVSpec's; the others are baselines)."""
-    keep_ratio: float = 1.0
+    keep_ratio: float = 0.25
     """Fraction of visual tokens kept, in (0, 1]."""
     weights: ScoreWeights = field(default_factory=ScoreWeights)
     """Score weights for the ``joint`` pruner."""
@@ -249,7 +274,7 @@ class PruningConfig(_Section):
 class DraftingConfig(_Section):
     """How many tokens the device drafts per verification round."""
 
-    policy: str = "fixed"
+    policy: str = "adaptive"
     """``fixed``: always ``gamma`` tokens; ``adaptive``: confidence stop + cost-model controller (covspec only; the
     baselines draft fixed blocks). See docs/drafting.md."""
     gamma: int = 5
@@ -277,7 +302,7 @@ class DraftingConfig(_Section):
 class BranchingConfig(_Section):
     """Parallel branching: drafting continues while a block is being verified."""
 
-    budget: int = 0
+    budget: int = 2
     """Branches drafted while a block is verified: the main one plus budget - 1 alternatives at the least
     confident positions (0: branching off, >= 0). covspec only; see docs/drafting.md."""
 
@@ -340,6 +365,71 @@ class TrackingConfig(_Section):
 
 
 @dataclass
+class ClusterConfig(_Section):
+    """The distributed runtime of ``covspec run``: Ray device actors and the Ray Serve edge (docs/cluster.md)."""
+
+    address: str | None = None
+    """Ray cluster to join (``auto`` or ``host:port``); None starts a local Ray in this process."""
+    num_devices: int = 8
+    """Device drafter actors (1..256)."""
+    device_cpus: float = 0.1
+    """CPUs Ray reserves per device actor (fractional, in (0, 64]); 8 x 0.1 leaves room on a 2-core machine."""
+    device_threads: int = 1
+    """Torch threads per device actor (>= 1)."""
+    device_nice: int = 19
+    """Scheduling niceness of device actors (0..19): when devices and edge share cores, the edge gets them first, as
+    it would on a real deployment where every device brings its own compute. 0 disables it."""
+    edge_replicas: int = 1
+    """Ray Serve replicas of the edge verifier (1..64); a session stays on the replica holding its cache."""
+    edge_cpus: float = 0.5
+    """CPUs Ray reserves per edge replica (fractional, in (0, 64])."""
+    edge_threads: int = 1
+    """Torch threads of each edge replica (>= 1); with 1, the edge's CPU time is its compute time."""
+    max_batch_size: int = 16
+    """Most requests one batched target forward takes (1..1024)."""
+    batch_wait_ms: float = 2.0
+    """How long a batch waits for more requests after its first, in ms (0..1000)."""
+    session_ttl_s: float = 600.0
+    """Edge sessions idle for longer are dropped (> 0); a device reopens a lost session from its committed tokens."""
+    http: bool = False
+    """Start Ray Serve's HTTP proxy (a read-only stats endpoint); off by default: devices use deployment handles."""
+    http_host: str = "127.0.0.1"
+    """Address the HTTP proxy binds when ``http`` is on (loopback by default)."""
+    http_port: int = 8000
+    """Port of the HTTP proxy (1..65535)."""
+    device_links: list[LinkConfig] = field(default_factory=list)
+    """Per-device links and slow-down factors, assigned round robin; empty: every device uses ``link``."""
+    sample_timeout_s: float = 600.0
+    """A sample that takes longer on a device is retried on another (> 0)."""
+    max_attempts: int = 3
+    """Attempts per sample before the run gives up on it (1..100)."""
+    warmup: bool = True
+    """Before measuring, every device answers one sample with target_only and with covspec (results discarded):
+    first calls pay for lazy initialization (Serve handles, torch kernels for new shapes)."""
+
+    def _check(self, prefix: str) -> None:
+        _check_text(_join(prefix, "address"), self.address, optional=True)
+        _check_int(_join(prefix, "num_devices"), self.num_devices, 1, 256)
+        _check_number(_join(prefix, "device_cpus"), self.device_cpus, 0, 64, low_open=True)
+        _check_int(_join(prefix, "device_threads"), self.device_threads, 1)
+        _check_int(_join(prefix, "device_nice"), self.device_nice, 0, 19)
+        _check_int(_join(prefix, "edge_replicas"), self.edge_replicas, 1, 64)
+        _check_number(_join(prefix, "edge_cpus"), self.edge_cpus, 0, 64, low_open=True)
+        _check_int(_join(prefix, "edge_threads"), self.edge_threads, 1)
+        _check_int(_join(prefix, "max_batch_size"), self.max_batch_size, 1, 1024)
+        _check_number(_join(prefix, "batch_wait_ms"), self.batch_wait_ms, 0, 1000)
+        _check_number(_join(prefix, "session_ttl_s"), self.session_ttl_s, 0, low_open=True)
+        _check_bool(_join(prefix, "http"), self.http)
+        _check_text(_join(prefix, "http_host"), self.http_host)
+        _check_int(_join(prefix, "http_port"), self.http_port, 1, 65535)
+        for i, link in enumerate(self.device_links):
+            link.validate(f"{_join(prefix, 'device_links')}[{i}]")
+        _check_number(_join(prefix, "sample_timeout_s"), self.sample_timeout_s, 0, low_open=True)
+        _check_int(_join(prefix, "max_attempts"), self.max_attempts, 1, 100)
+        _check_bool(_join(prefix, "warmup"), self.warmup)
+
+
+@dataclass
 class Config(_Section):
     """A whole experiment. YAML files nest exactly like this class."""
 
@@ -347,8 +437,9 @@ class Config(_Section):
     """Seed for every random number generator (0..2**32-1)."""
     method: str = "covspec"
     """Decoding method of single-method commands (e.g. ``covspec generate``): one of ``METHODS``."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Methods that ``covspec bench`` / ``covspec run`` compare, in order; each one of ``METHODS``."""
+    methods: list[str] = field(default_factory=lambda: ["target_only", "vanilla_sd", "dssd", "covspec", *ABLATIONS])
+    """Methods that ``covspec bench`` / ``covspec run`` compare, in order; each one of ``METHODS`` (the ablations
+    ``covspec_no_pruning`` / ``_no_adaptive`` / ``_no_branching`` are covspec with one idea switched off)."""
     models: ModelsConfig = field(default_factory=ModelsConfig)
     """The draft and target VLMs."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -367,6 +458,8 @@ class Config(_Section):
     """Emulated device-edge link."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow tracking."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray device actors and the Ray Serve edge (``covspec run``)."""
     threads: int = 2
     """Torch intra-op threads per process (>= 1)."""
     output: str | None = None
@@ -544,6 +637,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # e.g. an unresolvable ${interpolation}
         raise ConfigError(f"{err.full_key + ': ' if err.full_key else ''}{_first_line(err)}") from None
+    assert isinstance(cfg, Config)
+    cfg.validate()
+    return cfg
+
+
+def load_config_text(text: str, where: str = "config text") -> Config:
+    """The validated config of a YAML document (e.g. ``config_to_yaml`` output shipped to a Ray actor)."""
+    data = _parse_yaml(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    merged = _merge(OmegaConf.structured(Config), data, f" (in {where})")
+    cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, Config)
     cfg.validate()
     return cfg

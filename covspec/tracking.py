@@ -62,8 +62,12 @@ def _experiment_id(cfg: Config) -> str:
 
 
 @contextmanager
-def start_run(cfg: Config, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+def start_run(
+    cfg: Config, run_name: str, tags: Mapping[str, str] | None = None, run_id: str | None = None
+) -> Iterator[Any]:
     """An MLflow run with the config logged (params and ``config.yaml``) when ``cfg.tracking.enabled``.
+
+    ``run_id`` continues an existing run (resume) instead of starting a new one; its params must not change.
 
     Yields:
         The active ``mlflow.ActiveRun``, or None when tracking is off (nothing is imported or written then).
@@ -77,10 +81,25 @@ def start_run(cfg: Config, run_name: str, tags: Mapping[str, str] | None = None)
     if cfg.tracking.uri is None:
         default_root().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            _check_resumable(run, cfg)
+            yield run
+        return
     with mlflow.start_run(experiment_id=_experiment_id(cfg), run_name=run_name, tags=dict(tags or {})) as run:
         mlflow.log_params(params(cfg))
         mlflow.log_text(config_to_yaml(cfg), "config.yaml")
         yield run
+
+
+def _check_resumable(run: Any, cfg: Config) -> None:
+    """A resumed run must have been started with the same config (MLflow params are immutable)."""
+    from covspec.errors import ConfigError
+
+    logged = run.data.params
+    for key, value in params(cfg).items():
+        if key in logged and logged[key] != value:
+            raise ConfigError(f"cannot resume run {run.info.run_id}: {key} was {logged[key]}, now {value}")
 
 
 def _active() -> bool:

@@ -126,6 +126,41 @@ class LlavaAdapter:
         state = DecodeState(cache=cache, seq_len=length, pruned=length - int(positions.shape[0]))
         return state, out.logits[0, -1]
 
+    @torch.inference_mode()
+    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[DecodeState, torch.Tensor]]:
+        """Unpruned prefill of several prompts in one forward (vision tower and language model batched).
+
+        Prompts of different lengths are left-padded with a 2-D attention mask and per-row position ids; each state
+        then holds its own rows of the batched cache (views). Equal to ``prefill`` per prompt up to float rounding.
+        """
+        if len(inputs) == 1:
+            return [self.prefill(inputs[0])]
+        lengths = [int(x.input_ids.shape[0]) for x in inputs]
+        width, batch = max(lengths), len(inputs)
+        ids = torch.full((batch, width), int(inputs[0].input_ids[0]), dtype=torch.long, device=self.device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        positions = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        for i, (x, n) in enumerate(zip(inputs, lengths, strict=True)):
+            ids[i, width - n :] = x.input_ids
+            mask[i, width - n :] = 1
+            positions[i, width - n :] = torch.arange(n, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        features = self.model.model.get_image_features(
+            pixel_values=torch.cat([x.pixel_values for x in inputs]), return_dict=True
+        ).pooler_output
+        image_mask = ids == self.image_token_id
+        embeds[image_mask] = torch.cat(list(features), dim=0).to(embeds.dtype)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        results = []
+        for i, n in enumerate(lengths):
+            own = DynamicCache(config=self.model.config)
+            for layer_idx, merged in enumerate(cache.layers):
+                own.update(merged.keys[i : i + 1, :, width - n :], merged.values[i : i + 1, :, width - n :], layer_idx)
+            results.append((DecodeState(cache=own, seq_len=n), out.logits[i, -1]))
+        return results
+
     @staticmethod
     def kept_positions(inputs: PromptInputs, keep: torch.Tensor) -> torch.Tensor:
         """Sequence positions kept: every text position and the visual positions chosen by ``keep``."""

@@ -170,6 +170,7 @@ class RequestResult:
             "device_idle_s": self.device_idle_s,
             "device_idle_fraction": self.device_idle_s / device_s if device_s > 0 else None,
             "block_lengths": [r.k for r in self.round_log],
+            "accepted_per_round": [r.num_accepted for r in self.round_log],
             "branch_hits": self.branch_hits,
             "branch_misses": self.branch_misses,
             "branch_hit_rate": self.branch_hits / branch_rounds if branch_rounds else None,

@@ -37,7 +37,7 @@ from PIL import Image
 
 from covspec.decoding.sampling import probs_from_logits, sample
 from covspec.decoding.verify import sample_candidates, verify_greedy, verify_sampling
-from covspec.models.base import DecodeState, VLMAdapter
+from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
     UP_MESSAGES,
     Close,
@@ -120,7 +120,10 @@ class Session:
 
 @dataclass
 class EdgeStats:
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # wall time inside ``process`` (the edge's own clock)
+    cpu_s: float = 0.0  # CPU time of the edge's process inside ``process`` (all its threads)
+    prefill_s: float = 0.0  # wall time of OpenSession prefills
+    forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
     verify_rounds: int = 0
     decode_steps: int = 0  # target_only tokens decoded
@@ -131,6 +134,9 @@ class EdgeStats:
     def to_dict(self) -> dict:
         return {
             "busy_s": self.busy_s,
+            "cpu_s": self.cpu_s,
+            "prefill_s": self.prefill_s,
+            "forward_s": self.forward_s,
             "forwards": self.forwards,
             "verify_rounds": self.verify_rounds,
             "decode_steps": self.decode_steps,
@@ -138,6 +144,17 @@ class EdgeStats:
             "batches": self.batches,
             "batch_sizes": dict(self.batch_sizes),
         }
+
+
+@dataclass
+class _Open:
+    """A checked OpenSession waiting for its (batched) prefill; ``out`` receives its replies."""
+
+    msg: OpenSession
+    peer: str
+    inputs: PromptInputs
+    keep: torch.Tensor | None
+    out: list[Message]
 
 
 @dataclass
@@ -178,9 +195,15 @@ class Edge:
         while sid is not None:
             replies = self.process([Step(sid, peer)])[0]
             yield from replies
-            if not replies or any(isinstance(m, ErrorReply) or (isinstance(m, TokenChunk) and m.finished)
-                                  for m, _ in replies):  # fmt: skip
+            if not self.stream_continues(replies):
                 break
+
+    @staticmethod
+    def stream_continues(replies: list[Reply]) -> bool:
+        """Whether a target_only stream goes on after ``replies`` (no error, no finished chunk)."""
+        return bool(replies) and not any(
+            isinstance(m, ErrorReply) or (isinstance(m, TokenChunk) and m.finished) for m, _ in replies
+        )
 
     def stream_opened(self, replies: list[Reply]) -> str | None:
         """The session id when ``replies`` opened a target_only stream that still has tokens to decode."""
@@ -194,7 +217,7 @@ class Edge:
     def process(self, work: list[Work]) -> list[list[Reply]]:
         """Answers every item of ``work``: the replies of item i (encoded) are ``result[i]``, in order."""
         with self._lock:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             self.expire_idle()
             self.stats.batches += 1
             replies: list[list[Message]] = [[] for _ in work]
@@ -202,29 +225,35 @@ class Edge:
             while pending:  # a session named twice in one batch waits for the next pass
                 jobs: dict[int, _Job] = {}
                 busy: set[str] = set()
-                deferred = []
+                deferred: list[int] = []
+                opens: list[_Open] = []
                 for i in pending:
-                    job = self._admit(work[i], replies[i], busy, deferred, i)
+                    job = self._admit(work[i], replies[i], busy, deferred, i, opens)
                     if job is not None:
                         jobs[i] = job
                         busy.add(job.session.session_id)
+                self._prefill(opens)
                 self._run_jobs(jobs, replies)
                 pending = deferred
             out = [[(m, encode(m)) for m in msgs] for msgs in replies]
             self.stats.busy_s += time.perf_counter() - start
+            self.stats.cpu_s += time.process_time() - cpu
             return out
 
     # -- admission: checks, and the work that needs no target forward -------------------------------
 
-    def _admit(self, item: Work, out: list[Message], busy: set[str], deferred: list[int], i: int) -> _Job | None:
-        """Checks ``item``; answers it at once or returns the job it adds to the batched forward."""
+    def _admit(
+        self, item: Work, out: list[Message], busy: set[str], deferred: list[int], i: int, opens: list[_Open]
+    ) -> _Job | None:
+        """Checks ``item``; answers it at once, adds it to ``opens`` (prefilled together), or returns the job it
+        adds to the batched forward."""
         msg: Message | None = None
         try:
             if isinstance(item, Step):
                 return self._step_job(self._session(item.session_id, item.peer, busy, deferred, i, True), out)
             msg = decode(item.payload, expected=UP_MESSAGES)
             if isinstance(msg, OpenSession):
-                out.extend(self._open(msg, item.peer))
+                opens.append(self._open_check(msg, item.peer, out))
                 return None
             session = self._session(msg.session_id, item.peer, busy, deferred, i)
             if session is None:
@@ -256,6 +285,11 @@ class Edge:
             return None
         return session
 
+    def drop(self, session_id: str) -> None:
+        """Forget a session (its caller went away)."""
+        with self._lock:
+            self.sessions.pop(session_id, None)
+
     def expire_idle(self) -> None:
         """Drop sessions idle for longer than ``session_ttl_s``."""
         now = time.monotonic()
@@ -269,11 +303,13 @@ class Edge:
         items = list(jobs.items())
         states = [job.session.state for _, job in items]
         tokens = [torch.tensor(job.tokens) for _, job in items]
+        t = time.perf_counter()
         if len(items) > 1 and hasattr(self.target, "forward_batch"):
             logits = self.target.forward_batch(states, tokens)
         else:
             logits = [self.target.forward(st, tk) for st, tk in zip(states, tokens, strict=True)]
             self.stats.forwards += len(items) - 1
+        self.stats.forward_s += time.perf_counter() - t
         self.stats.forwards += 1
         self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
         for (i, job), rows in zip(items, logits, strict=True):
@@ -281,7 +317,8 @@ class Edge:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def _open(self, msg: OpenSession, peer: str) -> list[Message]:
+    def _open_check(self, msg: OpenSession, peer: str, out: list[Message]) -> _Open:
+        """Every check of an OpenSession and its model inputs (prompt + ``committed`` for a reopened session)."""
         check_against(msg, self.vocab_size, open_sessions=self.seen_ids)
         eos = self.target.eos_token_id
         if msg.prompt_ids[-1] == eos:
@@ -293,39 +330,63 @@ class Edge:
         if len(msg.committed) >= msg.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"committed holds {len(msg.committed)} tokens, "
                                 f"max_new_tokens is {msg.max_new_tokens}")  # fmt: skip
+        if self.target.image_token_id in msg.committed:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "committed holds an image placeholder token")
         try:
             with Image.open(io.BytesIO(msg.image)) as img:
                 image = img.convert("RGB")
         except Exception as exc:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"image is not a readable {msg.image_format}") from exc
-        inputs = self.target.prepare_from_ids(image, list(msg.prompt_ids))
+        # A reopened session prefills its committed tokens with the prompt: one forward, positions continue.
+        inputs = self.target.prepare_from_ids(image, list(msg.prompt_ids) + list(msg.committed))
         if inputs.num_visual_tokens == 0:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids hold no image placeholder tokens")
         keep = self._kept(msg, inputs.num_visual_tokens)
-        try:
-            state, logits = self.target.prefill(inputs, keep=keep)
-        except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {exc}") from exc
-        self.stats.forwards += 1
-        if msg.committed:  # a reopened session: the tokens generated so far follow the prompt
-            logits = self.target.forward(state, torch.tensor(list(msg.committed)))[-1]
-            self.stats.forwards += 1
-        self.seen_ids.add(msg.session_id)
-        self.sessions[msg.session_id] = Session(
-            session_id=msg.session_id,
-            method=msg.method,
-            temperature=msg.temperature,
-            top_p=msg.top_p,
-            max_new_tokens=msg.max_new_tokens,
-            num_candidates=msg.num_candidates,
-            state=state,
-            last_logits=logits,
-            generator=torch.Generator().manual_seed(msg.seed + len(msg.committed)),
-            peer=peer,
-            committed=list(msg.committed),
-            seq=msg.seq,
-        )
-        return [SessionOpened(msg.session_id, self.vocab_size)]
+        self.seen_ids.add(msg.session_id)  # never reused, even if the prefill fails
+        return _Open(msg, peer, inputs, keep, out)
+
+    def _prefill(self, opens: list[_Open]) -> None:
+        """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
+        if not opens:
+            return
+        t = time.perf_counter()
+        results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(opens)
+        plain = [i for i, o in enumerate(opens) if o.keep is None]
+        if len(plain) > 1 and hasattr(self.target, "prefill_batch"):
+            try:
+                for i, res in zip(plain, self.target.prefill_batch([opens[i].inputs for i in plain]), strict=True):
+                    results[i] = res
+                self.stats.forwards += 1
+            except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
+                pass
+        for i, o in enumerate(opens):
+            try:
+                if results[i] is None:
+                    results[i] = self.target.prefill(o.inputs, keep=o.keep)
+                    self.stats.forwards += 1
+            except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
+                self.stats.errors += 1
+                o.out.append(error_reply(ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: "
+                                                       f"{str(exc).splitlines()[0]}"), o.msg))  # fmt: skip
+                continue
+            state, logits = results[i]
+            msg = o.msg
+            self.sessions[msg.session_id] = Session(
+                session_id=msg.session_id,
+                method=msg.method,
+                temperature=msg.temperature,
+                top_p=msg.top_p,
+                max_new_tokens=msg.max_new_tokens,
+                num_candidates=msg.num_candidates,
+                state=state,
+                last_logits=logits,
+                generator=torch.Generator().manual_seed(msg.seed + len(msg.committed)),
+                peer=o.peer,
+                committed=list(msg.committed),
+                seq=msg.seq,
+            )
+            o.out.append(SessionOpened(msg.session_id, self.vocab_size))
+        self.stats.prefill_s += time.perf_counter() - t
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from covspec.config import Config
+from covspec.config import ABLATIONS, METHODS, Config, LinkConfig
 from covspec.inputs import check_question
 from covspec.models.base import VLMAdapter
 from covspec.models.loading import load_adapter
 from covspec.protocol import Link, LinkProfile
 from covspec.pruning import Pruner, build_pruner
-from covspec.runtime.device import ALL_METHODS, Device, DeviceSettings, RequestResult
+from covspec.runtime.device import Device, DeviceSettings, RequestResult
 from covspec.runtime.edge import Edge
 from covspec.runtime.transport import InProcessTransport
 
@@ -23,7 +24,11 @@ _NO_LIMIT_MBPS = math.inf
 
 def link_profile(cfg: Config) -> LinkProfile:
     """The emulated link of ``cfg.link``."""
-    link = cfg.link
+    return link_profile_of(cfg.link)
+
+
+def link_profile_of(link: LinkConfig) -> LinkProfile:
+    """The emulated link of one ``LinkConfig``."""
     return LinkProfile(
         rtt_ms=link.rtt_ms,
         jitter_ms=link.jitter_ms,
@@ -39,9 +44,27 @@ def colocated_profile() -> LinkProfile:
     return LinkProfile(rtt_ms=0.0, jitter_ms=0.0, up_mbps=_NO_LIMIT_MBPS, down_mbps=_NO_LIMIT_MBPS, loss=0.0)
 
 
+def method_config(cfg: Config, method: str) -> tuple[str, Config]:
+    """The base method and config of ``method``: an ablation (``covspec_no_pruning`` ...) is covspec with its
+    overrides applied to a copy of ``cfg``; any other method runs with ``cfg`` itself."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in ABLATIONS:
+        return method, cfg
+    variant = copy.deepcopy(cfg)
+    for item in ABLATIONS[method]:
+        dotted, value = item.split("=", 1)
+        *path, name = dotted.split(".")
+        section = variant
+        for part in path:
+            section = getattr(section, part)
+        setattr(section, name, type(getattr(section, name))(value))
+    return "covspec", variant
+
+
 def device_settings(cfg: Config, method: str) -> DeviceSettings:
-    if method not in ALL_METHODS:
-        raise ValueError(f"method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    """What a Device needs for ``method`` (a base method or an ablation) under ``cfg``."""
+    method, cfg = method_config(cfg, method)
     return DeviceSettings(
         method=method,
         max_new_tokens=cfg.generation.max_new_tokens,
@@ -110,19 +133,27 @@ class LocalEngine:
         """One request with ``method`` over a link of ``profile`` (``cfg.link`` by default)."""
         question = check_question(question, self.draft.tokenizer)
         settings = device_settings(self.cfg, method)
+        pruner = self.pruner_for(method)
         if method == "draft_only":
-            return Device(self.draft, None, settings, self.pruner).run(image, question, keep)
+            return Device(self.draft, None, settings, pruner).run(image, question, keep)
         transport = InProcessTransport(self.edge.handle, Link(profile or link_profile(self.cfg), seed=link_seed))
         try:
-            return Device(self.draft, transport, settings, self.pruner).run(image, question, keep)
+            result = Device(self.draft, transport, settings, pruner).run(image, question, keep)
         finally:
             transport.close()
+        result.method = method
+        return result
+
+    def pruner_for(self, method: str) -> Pruner | None:
+        """The pruner ``method`` runs with (None for an ablation that switches pruning off)."""
+        _, mcfg = method_config(self.cfg, method)
+        return self.pruner if mcfg.pruning == self.cfg.pruning else build_pruner(mcfg.pruning, self.cfg.seed)
 
 
 def run_one(cfg: Config, method: str, image: Image.Image, question: str) -> RequestResult:
     """Load the pair of ``cfg`` and answer one question with ``method`` (``covspec generate --method``)."""
     from covspec.errors import ConfigError
 
-    if method not in ALL_METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     return LocalEngine.from_config(cfg).run(method, image, question)

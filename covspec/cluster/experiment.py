@@ -1,0 +1,408 @@
+"""``covspec run``: one multi-device experiment on Ray, every configured method side by side, tracked in MLflow.
+
+Flow: start (or join, ``cluster.address``) Ray; deploy the edge (``covspec.cluster.edge_app``) with Ray Serve;
+start ``cluster.num_devices`` device actors (``covspec.cluster.devices``); then, method after method, spread the
+benchmark's samples over the devices (each free device takes the next sample), write each result as it finishes
+(``results/<run_id>/samples.jsonl``), and read the edge's busy time from its own clock before and after the method.
+The table compares the methods measured in this one run.
+
+Faults: a device actor that dies mid-sample has the sample put back in the queue for another device (the actor
+is restarted once by Ray and rejoins when it answers a ping); every sample is recorded exactly once. An edge
+replica that dies is replaced by Serve; devices reopen their sessions from their committed tokens. The run fails
+with a clear error (MLflow run FAILED, partial results kept) only when no device is left or a sample failed
+``cluster.max_attempts`` times.
+
+Resume: ``--resume RUN_ID`` reads ``results/<RUN_ID>/samples.jsonl``, skips the finished (method, sample) pairs and
+continues the same MLflow run; the table covers every row of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from covspec.config import Config, config_to_yaml
+from covspec.errors import CovspecError, InputError
+
+RESULTS_ROOT = Path("results")
+
+
+class RunError(CovspecError):
+    """The experiment cannot make progress (no device left, a sample failing on every attempt, no edge)."""
+
+
+@dataclass
+class MethodPhase:
+    """What one method's phase measured besides its rows."""
+
+    wall_s: float = 0.0
+    edge: dict[str, Any] = field(default_factory=dict)  # edge statistics accumulated during the phase
+    retries: int = 0
+
+
+def results_dir(run_id: str) -> Path:
+    return RESULTS_ROOT / run_id
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results JSONL; a torn last line (a crash mid-write) is ignored, any other bad line is an error."""
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise InputError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Cluster:
+    """Ray, the edge application and the device actors of one experiment; ``close`` tears down what it started."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print) -> None:
+        import ray
+        from ray import serve
+
+        from covspec.cluster.devices import device_actor
+        from covspec.cluster.edge_app import APP_NAME, StatsBoard, edge_app
+
+        self.cfg = cfg
+        c = cfg.cluster
+        self._started_ray = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if c.address:
+                ray.init(address=c.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+            self._started_ray = True
+        self.namespace = ray.get_runtime_context().namespace
+        tag = secrets.token_hex(4)
+        self.board_name = f"covspec-edge-stats-{tag}"
+        self.board = StatsBoard.options(name=self.board_name).remote()
+        if c.http:
+            serve.start(http_options={"host": c.http_host, "port": c.http_port})
+        else:
+            serve.start(proxy_location="Disabled")
+        self.app_name = f"{APP_NAME}-{tag}"
+        log(f"deploying the edge ({c.edge_replicas} replica(s), batches of <= {c.max_batch_size}) ...")
+        serve.run(edge_app(cfg, self.board_name, self.namespace), name=self.app_name,
+                  route_prefix="/covspec" if c.http else None)  # fmt: skip
+        log(f"starting {c.num_devices} device actors ...")
+        actor = device_actor(cfg)
+        text = config_to_yaml(cfg)
+        self.devices = [actor.remote(text, i, self.app_name) for i in range(c.num_devices)]
+        self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
+
+    def edge_stats(self) -> dict[str, Any]:
+        import ray
+
+        from covspec.cluster.edge_app import total_stats
+
+        return total_stats(ray.get(self.board.read.remote(), timeout=60))
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        for d in self.devices:
+            ray.kill(d, no_restart=True)
+        with contextlib.suppress(Exception):  # best effort: Serve may already be gone
+            serve.delete(self.app_name)
+        ray.kill(self.board, no_restart=True)
+        if self._started_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def run_method(
+    cluster: Cluster, method: str, jobs: list, sink: Callable[[dict[str, Any]], None],
+    progress: Callable[[], None] | None = None,
+) -> MethodPhase:  # fmt: skip
+    """Every job of ``method`` spread over the devices; each row goes to ``sink`` as it finishes."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+    cfg = cluster.cfg
+    queue = deque(jobs)
+    attempts: dict[str, int] = {}
+    free = list(range(len(cluster.devices)))
+    running: dict[Any, tuple[int, Any]] = {}  # future -> (device index, job)
+    pinging: dict[Any, int] = {}  # ping future -> device index (a device that failed, maybe restarted)
+    lost: set[int] = set()
+    phase = MethodPhase()
+    before = cluster.edge_stats()
+    start = time.perf_counter()
+    while queue or running:
+        while queue and free:
+            i = free.pop(0)
+            job = queue.popleft()
+            running[cluster.devices[i].run.remote(job)] = (i, job)
+        if not running and queue and not pinging:
+            raise RunError(f"{method}: no device is left to run {len(queue)} remaining samples")
+        ready, _ = ray.wait(list(running) + list(pinging), num_returns=1, timeout=cfg.cluster.sample_timeout_s)
+        if not ready:
+            raise RunError(f"{method}: no sample finished within cluster.sample_timeout_s="
+                           f"{cfg.cluster.sample_timeout_s:g} s")  # fmt: skip
+        fut = ready[0]
+        if fut in pinging:
+            i = pinging.pop(fut)
+            try:
+                ray.get(fut, timeout=0)
+                free.append(i)  # restarted and answering: back in the pool
+            except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError):
+                lost.add(i)
+            continue
+        i, job = running.pop(fut)
+        try:
+            row = ray.get(fut, timeout=0)
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
+            attempts[job.sample_id] = attempts.get(job.sample_id, 0) + 1
+            phase.retries += 1
+            if attempts[job.sample_id] >= cfg.cluster.max_attempts:
+                raise RunError(f"{method}: sample {job.sample_id} failed {attempts[job.sample_id]} times "
+                               f"(last: {type(err).__name__})") from None  # fmt: skip
+            queue.appendleft(job)  # another device takes it next
+            pinging[cluster.devices[i].ping.remote()] = i
+            continue
+        row["attempts"] = attempts.get(job.sample_id, 0) + 1
+        sink(row)
+        free.append(i)
+        if progress:
+            progress()
+    phase.wall_s = time.perf_counter() - start
+    from covspec.cluster.edge_app import diff_stats
+
+    phase.edge = diff_stats(cluster.edge_stats(), before)
+    return phase
+
+
+def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, MethodPhase]) -> list[dict[str, Any]]:
+    """One summary per method: the bench table's columns plus system throughput and edge capacity."""
+    from pipelines.bench import MethodStats, summarize
+
+    stats: dict[str, MethodStats] = {m: MethodStats() for m in cfg.methods}
+    reference = {r["sample_id"]: r["token_ids"] for r in rows if r["method"] == "target_only"}
+    for row in rows:
+        if row["method"] in stats:
+            ref = reference.get(row["sample_id"])
+            row["matches_target_only"] = None if ref is None else row["token_ids"] == ref
+            stats[row["method"]].add(row)
+    report = {"stats": {m: s for m, s in stats.items() if s.rows}, "config": cfg,
+              "costs": {"draft_step_s": 1.0, "target_step_s": 1.0, "target_verify_s": 1.0}}  # fmt: skip
+    out = summarize(report)
+    base = next((r for r in out if r["method"] == "target_only"), None)
+    for row in out:
+        name = row["method"].removesuffix(" (lossy)")
+        s, phase = stats[name], phases.get(name)
+        tokens = s.sum("num_tokens")
+        row.pop("bound_speedup", None)
+        row.pop("alpha", None)
+        row["tokens"] = tokens
+        row["tokens_per_s_per_device"] = row.pop("tokens_per_s")  # sum of tokens / sum of request latencies
+        if phase is not None and phase.wall_s > 0:
+            row["wall_s"] = phase.wall_s
+            row["system_tokens_per_s"] = tokens / phase.wall_s
+            busy = phase.edge.get("busy_s", 0.0)
+            row["edge_busy_s"] = busy
+            row["edge_busy_fraction"] = busy / phase.wall_s
+            row["edge_capacity"] = tokens / busy if busy > 0 else None
+            sizes = phase.edge.get("batch_sizes", {})
+            n = sum(sizes.values())
+            row["mean_batch"] = sum(int(k) * v for k, v in sizes.items()) / n if n else None
+            row["retries"] = phase.retries
+        row["device_busy_s"] = s.sum("device_busy_s")
+        row["session_reopens"] = s.sum("session_reopens")
+    if base is not None:
+        for row in out:
+            for key in ("system_tokens_per_s", "edge_capacity", "tokens_per_s_per_device"):
+                if row.get(key) and base.get(key):
+                    row[f"{key}_vs_target_only"] = row[key] / base[key]
+    return out
+
+
+COLUMNS = [
+    ("method", "method", "s"), ("sys tok/s", "system_tokens_per_s", ".1f"),
+    ("speedup", "system_tokens_per_s_vs_target_only", ".2f"), ("edge cap tok/s", "edge_capacity", ".1f"),
+    ("cap vs t.o.", "edge_capacity_vs_target_only", ".2f"), ("tok/s/dev", "tokens_per_s_per_device", ".1f"),
+    ("acc.len", "mean_accepted_length", ".2f"), ("B/tok", "decoding_bytes_per_token", ".1f"),
+    ("upload B/req", "upload_bytes_per_request", ".0f"), ("vs vanilla", "reduction_vs_vanilla", ".2%"),
+    ("vs vanilla@152k*", "projected_reduction_vs_vanilla", ".3%"), ("EM", "exact_match", ".1%"),
+    ("=target", "identical_to_target_only", ".0%"), ("p50 s", "latency_p50_s", ".3f"),
+    ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"), ("batch", "mean_batch", ".1f"),
+]  # fmt: skip
+
+
+def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width: int = 240) -> str:
+    """The comparison table as text (rich), with the notes that explain its columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    c = cfg.cluster
+    table = Table(title=f"covspec run {run_id}: {cfg.data.benchmark}/{cfg.data.split}, {cfg.data.limit} samples x "
+                  f"{len(cfg.methods)} methods on {c.num_devices} devices, edge {c.edge_replicas} replica(s); "
+                  f"link rtt {cfg.link.rtt_ms:g} ms; T={cfg.generation.temperature:g}")  # fmt: skip
+    for title, _, _ in COLUMNS:
+        table.add_column(title, justify="left" if title == "method" else "right")
+    for row in summary:
+        table.add_row(*["-" if row.get(k) is None else format(row[k], spec) for _, k, spec in COLUMNS])
+    console = Console(file=io.StringIO(), width=width, record=True)
+    console.print(table)
+    console.print(
+        "sys tok/s: generated tokens of all devices / wall time of the method's phase; speedup is against "
+        "target_only in this run.\nedge cap: generated tokens per second of edge busy time (the edge's own clock, "
+        "all replicas): the figure that survives devices and edge sharing cores.\ntok/s/dev: tokens / request "
+        "latency, as one device sees it. B/tok: decoding traffic per generated token (both directions, counted from "
+        "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "
+        f"151,936-token vocabulary. Placement: {c.num_devices} device actors x {c.device_cpus:g} CPU, "
+        f"{c.device_threads} torch thread(s) each; edge {c.edge_replicas} x {c.edge_cpus:g} CPU, {c.edge_threads} "
+        f"thread(s); this machine has {os.cpu_count()} cores shared by all of them."
+    )  # fmt: skip
+    return console.export_text()
+
+
+def _plots(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Throughput and bytes per token per method, and the accepted-length histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = [r["method"] for r in summary]
+    for key, label, fname in (
+        ("system_tokens_per_s", "system tokens/s", "throughput.png"),
+        ("edge_capacity", "edge capacity (tokens per edge-busy s)", "edge_capacity.png"),
+        ("decoding_bytes_per_token", "decoding bytes per token (log)", "bytes_per_token.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(names, [r.get(key) or 0 for r in summary], color="tab:blue")
+        ax.set_ylabel(label)
+        if key == "decoding_bytes_per_token":
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=100)
+        plt.close(fig)
+        paths.append(out / fname)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in names:
+        lengths = [n + 1 for r in rows if r["method"] == name for n in _accepted(r)]
+        if lengths:
+            ax.hist(lengths, bins=range(1, max(lengths) + 2), alpha=0.5, label=name)
+    ax.set_xlabel("tokens committed per verification round (accepted + 1)")
+    ax.set_ylabel("rounds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accepted_length_hist.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "accepted_length_hist.png")
+    return paths
+
+
+def _accepted(row: dict[str, Any]) -> list[int]:
+    return list(row.get("accepted_per_round") or [])
+
+
+def run_experiment(
+    cfg: Config, resume: str | None = None, log: Callable[[str], None] = print, progress_factory=None
+) -> dict[str, Any]:
+    """Run the experiment of ``cfg``; returns {"run_id", "summary", "table", "dir"}."""
+    from covspec import tracking
+    from covspec.cluster.devices import Job
+    from covspec.data import load_benchmark
+    from covspec.data.metrics import exact_match, token_f1
+
+    samples = load_benchmark(cfg.data, seed=cfg.seed)
+    run_id = resume
+    done: set[tuple[str, str]] = set()
+    rows: list[dict[str, Any]] = []
+    if resume is not None:
+        path = results_dir(resume) / "samples.jsonl"
+        if not path.is_file():
+            raise InputError(f"--resume {resume}: no results at {path} (run ids are the names under {RESULTS_ROOT}/)")
+        rows = [r for r in read_rows(path) if r.get("method") in cfg.methods]
+        done = {(r["method"], r["sample_id"]) for r in rows}
+    tags = {"covspec.command": "run"}
+    with tracking.start_run(cfg, "covspec-run", tags, run_id=resume if cfg.tracking.enabled else None) as active:
+        if run_id is None:
+            run_id = active.info.run_id if active is not None else f"local-{secrets.token_hex(6)}"
+        out = results_dir(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        jsonl = out / "samples.jsonl"
+        log(f"run {run_id}: results in {jsonl}")
+        phases: dict[str, MethodPhase] = {}
+        try:
+            cluster = Cluster(cfg, log)
+            try:
+                with jsonl.open("a", encoding="utf-8") as sink_file:
+
+                    def sink(row: dict[str, Any]) -> None:
+                        sample = by_id[row["sample_id"]]
+                        row.update({"kind": sample.kind, "reference": sample.answer,
+                                    "exact_match": exact_match(row["text"], sample.answer),
+                                    "token_f1": token_f1(row["text"], sample.answer),
+                                    "score": sample.score(row["text"])})  # fmt: skip
+                        sink_file.write(json.dumps(row) + "\n")
+                        sink_file.flush()
+                        rows.append(row)
+
+                    by_id = {s.sample_id: s for s in samples}
+                    images = {s.sample_id: _png(s.image()) for s in samples}
+                    if cfg.cluster.warmup:
+                        log("warm-up (not measured) ...")
+                        for method in ("target_only", "covspec"):
+                            warm = [Job(method, s.sample_id, s.question, images[s.sample_id], i)
+                                    for i, s in enumerate(samples[: cfg.cluster.num_devices])]  # fmt: skip
+                            run_method(cluster, method, warm, lambda row: None)
+                    for method in cfg.methods:
+                        todo = [s for s in samples if (method, s.sample_id) not in done]
+                        jobs = [Job(method, s.sample_id, s.question, images[s.sample_id], cfg.seed * 100_003 + i)
+                                for i, s in enumerate(samples) if s in todo]  # fmt: skip
+                        if not jobs:
+                            continue
+                        advance = progress_factory(method, len(jobs)) if progress_factory else None
+                        phases[method] = run_method(cluster, method, jobs, sink, advance)
+                        tracking.log_metrics({"wall_s": phases[method].wall_s}, prefix=f"{method}.")
+            finally:
+                cluster.close()
+        finally:
+            summary = summarize_run(cfg, rows, phases) if rows else []
+            table = format_table(cfg, summary, run_id) if summary else ""
+            if table:
+                (out / "table.txt").write_text(table, encoding="utf-8")
+                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+                for row in summary:
+                    tracking.log_metrics({k: v for k, v in row.items() if k != "method"}, prefix=f"{row['method']}.")
+                for path in _plots(summary, rows, out):
+                    tracking.log_artifact(path, "plots")
+                tracking.log_artifact(out / "table.txt")
+                tracking.log_artifact(out / "summary.json")
+            if jsonl.exists():
+                tracking.log_artifact(jsonl)
+    return {"run_id": run_id, "summary": summary, "table": table, "dir": out, "phases": phases}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
