@@ -11,8 +11,8 @@ import torch
 
 from covspec.cli import Subparsers, add_config_arguments, command, config_from_args
 from covspec.config import Config
+from covspec.data import load_benchmark
 from covspec.data.metrics import exact_match, token_f1
-from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
 from covspec.inputs import check_question, load_image
 from covspec.models.loading import load_adapter
@@ -77,24 +77,28 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     torch.set_num_threads(cfg.threads)
+    samples = load_benchmark(cfg.data, seed=cfg.seed)  # first: a bad data file fails before any model loads
     adapter = load_role(cfg, args.model)
-    samples = load_split(cfg.data.split, cfg.data.limit, seed=cfg.seed, offset=cfg.data.offset)
     generator = torch.Generator().manual_seed(cfg.seed)
-    by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_kind: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     gen = cfg.generation
     for sample in track(samples, description=f"{args.model} on {cfg.data.split}", console=Console(stderr=True)):
         out = generate(adapter, adapter.prepare(sample.image(), sample.question), gen.max_new_tokens, gen.temperature,
                        gen.top_p, generator)  # fmt: skip
         text = adapter.decode(out.token_ids)
-        by_kind[sample.kind].append((exact_match(text, sample.answer), token_f1(text, sample.answer)))
+        by_kind[sample.kind].append(
+            (exact_match(text, sample.answer), token_f1(text, sample.answer), sample.score(text))
+        )
     table = Table(title=f"{args.model} ({cfg.models.target.path if args.model == 'target' else cfg.models.draft.path})"
-                  f" on shapes/{cfg.data.split}, {len(samples)} samples")  # fmt: skip
-    for col in ("kind", "n", "exact match", "token F1"):
+                  f" on {cfg.data.benchmark}/{cfg.data.split}, {len(samples)} samples")  # fmt: skip
+    scored = cfg.data.benchmark != "shapes"  # the benchmark's own metric; on shapes it is the exact match
+    for col in ("kind", "n", *(["score"] if scored else []), "exact match", "token F1"):
         table.add_column(col, justify="right" if col != "kind" else "left")
     rows = [*sorted(by_kind.items()), ("all", [x for v in by_kind.values() for x in v])]
     for kind, scores in rows:
         n = len(scores)
-        table.add_row(kind, str(n), f"{sum(s[0] for s in scores) / n:.1%}", f"{sum(s[1] for s in scores) / n:.3f}")
+        em, f1 = f"{sum(s[0] for s in scores) / n:.1%}", f"{sum(s[1] for s in scores) / n:.3f}"
+        table.add_row(kind, str(n), *([f"{sum(s[2] for s in scores) / n:.1%}"] if scored else []), em, f1)
     Console(file=sys.stdout).print(table)
     return 0
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from covspec.config import Config
+from covspec.data import load_benchmark
 from covspec.data.metrics import exact_match, token_f1
-from covspec.data.shapes import load_split
 from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_bound
 from covspec.protocol import projected_decoding_bytes
 from covspec.runtime.device import RequestResult
@@ -76,6 +76,7 @@ def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling:
         "reference": sample.answer,
         "exact_match": exact_match(r.text, sample.answer),
         "token_f1": token_f1(r.text, sample.answer),
+        "score": sample.score(r.text),  # the benchmark's own metric (VQA accuracy, option accuracy, ...)
     }
     row.update(r.metrics())
     if r.round_log and method != "draft_only":
@@ -114,9 +115,9 @@ def hf_assisted(engine: LocalEngine, sample, max_new_tokens: int) -> dict[str, A
     return {
         "sample_id": sample.sample_id, "kind": sample.kind, "method": HF_PEER, "token_ids": tokens, "text": text,
         "reference": sample.answer, "exact_match": exact_match(text, sample.answer),
-        "token_f1": token_f1(text, sample.answer), "num_tokens": len(tokens), "latency_s": latency,
-        "rounds": rounds, "mean_accepted_length": len(tokens) / rounds, "bytes_up": 0, "bytes_down": 0,
-        "bytes_upload": 0, "settings": HF_SETTINGS,
+        "token_f1": token_f1(text, sample.answer), "score": sample.score(text), "num_tokens": len(tokens),
+        "latency_s": latency, "rounds": rounds, "mean_accepted_length": len(tokens) / rounds, "bytes_up": 0,
+        "bytes_down": 0, "bytes_upload": 0, "settings": HF_SETTINGS,
     }  # fmt: skip
 
 
@@ -144,8 +145,8 @@ def step_costs(engine: LocalEngine, sample, steps: int = 40) -> dict[str, float]
 
 def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress=None) -> dict[str, Any]:
     """Run every method of ``cfg.methods`` on the configured samples; returns the report."""
+    samples = load_benchmark(cfg.data, seed=cfg.seed)  # first: a bad data file fails before any model loads
     engine = LocalEngine.from_config(cfg)
-    samples = load_split(cfg.data.split, cfg.data.limit, seed=cfg.seed, offset=cfg.data.offset)
     methods = list(cfg.methods)
     greedy = cfg.generation.temperature == 0
     run_hf = hf_peer and greedy
@@ -218,6 +219,7 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
                 vpt = sum(vp) / max(vanilla.sum("num_tokens"), 1)
                 row["projected_reduction_vs_vanilla"] = 1 - row["projected_bytes_per_token"] / vpt
         row["exact_match"] = s.mean("exact_match")
+        row["score"] = s.mean("score")
         matches = [r["matches_target_only"] for r in s.rows if r.get("matches_target_only") is not None]
         # Greedy output must equal target-only token for token; sampled output is only equal in distribution.
         greedy = cfg.generation.temperature == 0
@@ -251,7 +253,7 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
     costs = report["costs"]
     link = cfg.link
     table = Table(
-        title=f"covspec bench: {report['samples']} samples of shapes/{cfg.data.split}, "
+        title=f"covspec bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
         f"link rtt {link.rtt_ms:g} ms, up {link.up_mbps:g} / down {link.down_mbps:g} Mbit/s, "
         f"T={cfg.generation.temperature:g}, gamma={cfg.drafting.gamma}, m={cfg.verification.num_candidates}"
         + (f", pruning {cfg.pruning.method} keep {cfg.pruning.keep_ratio:g}"
@@ -268,6 +270,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
         ("EM", "exact_match", ".1%"), ("=target", "identical_to_target_only", ".0%"),
         ("p50 s", "latency_p50_s", ".3f"), ("p95 s", "latency_p95_s", ".3f"),
     ]  # fmt: skip
+    if cfg.data.benchmark != "shapes":  # on shapes the score is the exact match already shown
+        cols.insert(cols.index(("EM", "exact_match", ".1%")), ("score", "score", ".1%"))
     optional = [("idle", "device_idle_fraction", ".0%"), ("branch hit", "branch_hit_rate", ".0%")]
     cols += [c for c in optional if any(row.get(c[1]) is not None for row in rows)]  # adaptive drafting / branching
     for title, _, _ in cols:

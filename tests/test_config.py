@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from covspec.config import (
+    ABLATIONS,
     METHODS,
     Config,
     DraftingConfig,
@@ -24,7 +25,11 @@ def test_defaults_load_and_match_the_schema():
     cfg = load_config()
     assert cfg == Config()
     assert cfg.method == "covspec"
-    assert cfg.methods == list(METHODS)
+    # covspec run compares the device-edge methods and covspec's ablations; draft_only stays selectable
+    assert cfg.methods == ["target_only", "vanilla_sd", "dssd", "covspec", *ABLATIONS]
+    assert set(cfg.methods) | {"draft_only"} == set(METHODS)
+    assert (cfg.pruning.method, cfg.drafting.policy, cfg.branching.budget) == ("joint", "adaptive", 2)
+    assert cfg.cluster.num_devices == 8 and cfg.cluster.http is False and cfg.cluster.http_host == "127.0.0.1"
     assert cfg.models.target.path == "toy-target"
     assert cfg.models.draft.path == "toy-draft"
     assert cfg.pruning.weights.lowrank == 0.5
@@ -123,7 +128,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str):
         ("methods=[]", "methods must be a non-empty list, got []"),
         ("data.limit=0", "data.limit must be >= 1, got 0"),
         ("data.offset=-1", "data.offset must be >= 0, got -1"),
-        ("data.benchmark=vqav3", "data.benchmark must be one of 'shapes', got 'vqav3'"),
+        ("data.benchmark=vqav3", "data.benchmark must be one of 'shapes', 'vqav2', 'mmbench', 'mmmu', got 'vqav3'"),
         ("data.split=dev", "data.split must be one of 'train', 'val', 'test', got 'dev'"),
         ("data.path=''", "data.path must be a non-empty string, got ''"),
         ("generation.temperature=-1", "generation.temperature must be >= 0, got -1.0"),
@@ -199,8 +204,34 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(Config())
     assert flat["pruning.weights.relevance"] == 1.0
     assert flat["models.target.dtype"] == "float32"
-    assert flat["methods"] == list(METHODS)
+    assert flat["methods"] == Config().methods
+    assert flat["cluster.num_devices"] == 8
     assert flat["seed"] == 0 and flat["output"] is None
     assert not any(isinstance(v, dict) for v in flat.values())
     assert len(flat) == len(set(flat))
     assert flatten({"a": {"b": 1}}) == {"a.b": 1}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.num_devices=0", "cluster.num_devices must be in [1, 256], got 0"),
+        ("cluster.device_cpus=0", "cluster.device_cpus must be in (0, 64], got 0"),
+        ("cluster.batch_wait_ms=-1", "cluster.batch_wait_ms must be in [0, 1000], got -1"),
+        ("cluster.device_nice=20", "cluster.device_nice must be in [0, 19], got 20"),
+        ("cluster.device_links=[{rtt_ms: -5}]", "cluster.device_links[0].rtt_ms must be >= 0, got -5"),
+        ("cluster.http_port=70000", "cluster.http_port must be in [1, 65535], got 70000"),
+        ("methods=[covspec_no_everything]", "methods[0] must be one of"),
+    ],
+)
+def test_cluster_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_config_text_round_trip_keeps_device_links():
+    from covspec.config import load_config_text
+
+    cfg = load_config(None, ["cluster.device_links=[{rtt_ms: 5}, {rtt_ms: 50, compute_slowdown: 3}]"])
+    back = load_config_text(config_to_yaml(cfg))
+    assert back == cfg and back.cluster.device_links[1].compute_slowdown == 3

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from covspec.data.metrics import exact_match
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -106,6 +108,10 @@ class Sample:
 
     def image(self) -> Image.Image:
         return self.scene.render()
+
+    def score(self, prediction: str) -> float:
+        """The benchmark's metric: exact match of the normalized words, 1.0 or 0.0."""
+        return exact_match(prediction, self.answer)
 
 
 def scene_bucket(scene: Scene) -> int:

@@ -39,22 +39,52 @@ def resolve_path(path: str, key: str = "models.target.path") -> str:
 
 def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
     """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
+
+    from covspec.models.processors import load_processor
 
     hf_logging.disable_progress_bar()
     resolved = resolve_path(path, key)
     try:
         config = AutoConfig.from_pretrained(resolved)
-        processor = AutoProcessor.from_pretrained(resolved)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise InputError(f"{key}: cannot load {path!r}: {str(exc).splitlines()[0]}") from exc
     model_type = getattr(config, "model_type", "")
-    if model_type == "llava":
-        from transformers import LlavaForConditionalGeneration
+    if model_type not in FAMILIES:
+        raise InputError(f"{key}: unsupported model type {model_type!r} at {path!r} (supported: {', '.join(FAMILIES)})")
+    if dtype not in _DTYPES:
+        raise InputError(f"{key}: unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+    try:
+        processor = load_processor(resolved)
+    except (OSError, ValueError, json.JSONDecodeError, ImportError, AttributeError) as exc:
+        raise InputError(f"{key}: cannot load the processor of {path!r}: {str(exc).splitlines()[0]}") from exc
+    model_cls, adapter_cls = _family(model_type)
+    try:
+        model = model_cls.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{key}: cannot load the weights of {path!r}: {str(exc).splitlines()[0]}") from exc
+    return adapter_cls(model, processor, name=Path(resolved).name)
 
-        from covspec.models.llava import LlavaAdapter
 
-        model = LlavaForConditionalGeneration.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
-        return LlavaAdapter(model, processor, name=Path(resolved).name)
-    raise InputError(f"{key}: unsupported model type {model_type!r} at {path!r} (supported: llava)")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+"""Supported ``config.model_type`` values."""
+
+
+def _family(model_type: str) -> tuple[type, type]:
+    """(model class, adapter class) of ``model_type`` (one of ``FAMILIES``)."""
+    import transformers
+
+    from covspec.models.llava import LlavaAdapter
+    from covspec.models.llava_next import LlavaNextAdapter
+    from covspec.models.qwen2_vl import Qwen2VLAdapter
+
+    classes = {
+        "llava": ("LlavaForConditionalGeneration", LlavaAdapter),
+        "llava_next": ("LlavaNextForConditionalGeneration", LlavaNextAdapter),
+        "llava_onevision": ("LlavaOnevisionForConditionalGeneration", LlavaNextAdapter),
+        "qwen2_vl": ("Qwen2VLForConditionalGeneration", Qwen2VLAdapter),
+        "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", Qwen2VLAdapter),
+    }
+    model_name, adapter_cls = classes[model_type]
+    return getattr(transformers, model_name), adapter_cls

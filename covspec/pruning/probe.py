@@ -8,8 +8,9 @@
   ``layer=0`` it costs one RMSNorm and one k-projection over the prompt, a small fraction of a prefill.
 
 Works for Llama-style language models (LLaVA's, Qwen2's, Mistral's: ``layers``, ``rotary_emb``, ``q_proj``,
-``k_proj``, optional ``q_norm``/``k_norm``) with 1-D positions ``0..L-1``. M-RoPE models (Qwen2-VL) need their
-3-D position ids here; their adapter is expected to override ``probe_attention`` if it prunes with attention.
+``k_proj``, optional ``q_norm``/``k_norm``) with 1-D positions ``0..L-1``. An adapter whose model uses other rotary
+positions (M-RoPE: Qwen2-VL, Qwen2.5-VL) provides them as ``adapter.rope_positions(inputs)`` (``[3, 1, L]``); its
+``rotary_emb`` folds the three rows into one cos/sin table, applied as usual.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def probe_attention(
     h = adapter.embed(inputs)[None]  # [1, L, H]
     length = h.shape[1]
     pos = torch.arange(length, device=h.device)[None]  # [1, L]
-    cos, sin = _rope(lm, h, length)  # [1, L, d] each
+    rope_positions = getattr(adapter, "rope_positions", None)
+    if rope_positions is None:
+        cos, sin = _rope(lm, h, length)  # [1, L, d] each
+    else:
+        cos, sin = lm.rotary_emb(h, rope_positions(inputs))  # M-RoPE: [3, 1, L] positions -> [1, L, d] each
     if layer > 0:
         from transformers.masking_utils import create_causal_mask
 

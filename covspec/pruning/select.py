@@ -145,7 +145,8 @@ def stratified_top(scores: torch.Tensor, k: int, grid: tuple[int, int] | None = 
     """
     n = scores.shape[0]
     cell, centrality = lattice_cells(n, k, grid)
-    s = minmax(scores.double()) + 1e-6 * centrality.double()  # [N] in [0, 1 + 1e-6]
+    # On the CPU, where the (memoized) lattice lives: scores of a GPU draft come over once, [N] floats.
+    s = minmax(scores.double().cpu()) + 1e-6 * centrality.double()  # [N] in [0, 1 + 1e-6]
     order = torch.argsort(cell.double() * 2 - s)  # grouped by cell, best first within each
     grouped = cell[order]
     first = torch.ones(n, dtype=torch.bool)

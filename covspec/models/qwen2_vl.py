@@ -1,0 +1,255 @@
+"""Qwen2-VL / Qwen2.5-VL adapter: visual tokens after the merger, 3-D rotary positions (M-RoPE), pruning, rollback.
+
+Positions. Qwen2-VL gives every prompt token a (temporal, height, width) position triple (``get_rope_index``):
+text tokens count up on all three rows, the image's tokens share one temporal start and spread over the merged
+patch grid, and the text after the image continues at ``max(position) + 1``. The prompt therefore consumes fewer
+position values than it has tokens: the generated token at logical index ``seq_len`` gets position
+``seq_len + rope_delta`` on all three rows, where ``rope_delta = max(pos) + 1 - L`` (negative) is fixed by the prompt.
+
+The model itself keeps ``rope_deltas`` as mutable state from its last call; one model serves many sessions here, so
+every forward passes explicit 3-D ``position_ids`` instead and the delta lives in the request's ``MRopeState``.
+A pruned prefill passes the kept tokens with their *original* position triples (gaps allowed), so the kept tokens
+and every later token see the positions they would have had without pruning (see NOTES-transformers
+"Qwen2-VL / Qwen2.5-VL").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from covspec.models.base import DecodeState, PromptInputs
+from covspec.models.llava import LlavaAdapter
+
+
+@dataclass
+class MRopeState(DecodeState):
+    """A decode state whose next token's (3-D) position is ``seq_len + rope_delta`` on every row."""
+
+    rope_delta: int = 0
+
+
+class Qwen2VLAdapter:
+    """Wraps a loaded ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
+
+    def __init__(self, model, processor, name: str = "qwen2-vl") -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.image_token_id: int = model.config.image_token_id
+        # The tokenizer's ids, not the LM head's padded width (Qwen2.5-VL-3B: 151,936 rows, 7B: 152,064, one
+        # tokenizer of 151,665): draft and target must agree on the logits' width, and no text maps to padding.
+        self.vocab_size: int = min(model.config.text_config.vocab_size, len(self.tokenizer))
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_id: int = eos[0] if isinstance(eos, list) else int(eos)
+        self.merge_size: int = model.config.vision_config.spatial_merge_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def prompt_text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def prepare(self, image: Image.Image, question: str) -> PromptInputs:
+        enc = self.processor(images=image.convert("RGB"), text=self.prompt_text(question), return_tensors="pt")
+        return self._inputs(enc["input_ids"][0], enc["pixel_values"], enc["image_grid_thw"])
+
+    def prepare_from_ids(self, image: Image.Image, prompt_ids: list[int]) -> PromptInputs:
+        """Inputs for ids tokenized elsewhere; each run of ``<|image_pad|>`` is resized to this model's count for
+        ``image`` (a draft with another image processor may have expanded it to a different number)."""
+        pixels = self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        grid = pixels["image_grid_thw"]  # [1, 3]
+        n = int(grid[0].prod()) // self.merge_size**2
+        ids: list[int] = []
+        for i, tok in enumerate(prompt_ids):
+            if tok != self.image_token_id:
+                ids.append(tok)
+            elif i == 0 or prompt_ids[i - 1] != self.image_token_id:
+                ids.extend([self.image_token_id] * n)
+        return self._inputs(torch.tensor(ids, dtype=torch.long), pixels["pixel_values"], grid)
+
+    def _inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> PromptInputs:
+        input_ids = input_ids.to(self.device)
+        image_mask = input_ids == self.image_token_id
+        return PromptInputs(
+            input_ids=input_ids,
+            pixel_values=pixel_values.to(self.device, self.dtype),  # [patches, C * T * p * p]
+            image_mask=image_mask,
+            extra={
+                "image_grid_thw": grid_thw.to(self.device),  # [1, 3] (t, h, w) in patches
+                "mm_token_type_ids": image_mask.long(),  # [L]: 0 text, 1 image (no video here)
+            },
+        )
+
+    def mrope(self, inputs: PromptInputs) -> tuple[torch.Tensor, int]:
+        """The prompt's M-RoPE positions [3, L] and ``rope_delta`` (next position = seq_len + rope_delta), computed
+        by the model's ``get_rope_index`` once per ``inputs``.
+
+        Raises:
+            ValueError: the prompt's placeholder count does not match the image (e.g. two image runs).
+        """
+        if "positions" not in inputs.extra:
+            grid = inputs.extra["image_grid_thw"]
+            expected = int(grid.prod(-1).sum()) // self.merge_size**2
+            if inputs.num_visual_tokens != expected:
+                n = inputs.num_visual_tokens
+                raise ValueError(f"prompt holds {n} image placeholders, the image has {expected} visual tokens")
+            positions, delta = self.model.model.get_rope_index(
+                inputs.input_ids[None], mm_token_type_ids=inputs.extra["mm_token_type_ids"][None], image_grid_thw=grid
+            )  # [3, 1, L], [1, 1]
+            inputs.extra["positions"], inputs.extra["rope_delta"] = positions[:, 0], int(delta)
+        return inputs.extra["positions"], inputs.extra["rope_delta"]
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Most visual tokens one image can get (the processor's largest pixel budget); ``image_tokens`` gives the
+        count for a given image."""
+        ip = self.processor.image_processor
+        return int(ip.size["longest_edge"]) // (ip.patch_size * ip.merge_size) ** 2
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """Visual tokens of ``image`` after the merger."""
+        grid = self.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["image_grid_thw"]
+        return int(grid[0].prod()) // self.merge_size**2
+
+    def visual_grid(self, inputs: PromptInputs) -> tuple[int, int]:
+        """(rows, cols) of the visual tokens after the merger (raster order)."""
+        _, h, w = (int(x) for x in inputs.extra["image_grid_thw"][0])
+        return h // self.merge_size, w // self.merge_size
+
+    def rope_positions(self, inputs: PromptInputs) -> torch.Tensor:
+        """[3, 1, L] position ids of the full prompt (used by the attention probe)."""
+        return self.mrope(inputs)[0][:, None]
+
+    def model_inputs(self, inputs: PromptInputs) -> dict:
+        """Keyword arguments of ``model(...)`` / ``model.generate(...)`` for the unpruned prompt (batch of one)."""
+        return {
+            "input_ids": inputs.input_ids[None],
+            "pixel_values": inputs.pixel_values,
+            "image_grid_thw": inputs.extra["image_grid_thw"],
+            "mm_token_type_ids": inputs.extra["mm_token_type_ids"][None],
+        }
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- forward passes ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def visual_features(self, inputs: PromptInputs) -> torch.Tensor:
+        """Visual tokens after the merger, in the language model's space: [N, H], computed once per ``inputs``."""
+        if inputs.visual_features is None:
+            out = self.model.model.get_image_features(
+                pixel_values=inputs.pixel_values, image_grid_thw=inputs.extra["image_grid_thw"], return_dict=True
+            )
+            inputs.visual_features = torch.cat(list(out.pooler_output), dim=0)
+        return inputs.visual_features
+
+    @torch.inference_mode()
+    def embed(self, inputs: PromptInputs) -> torch.Tensor:
+        """Prompt embeddings with the visual features written into the placeholder rows: [L, H]."""
+        embeds = self.model.get_input_embeddings()(inputs.input_ids).clone()  # [L, H]
+        embeds[inputs.image_mask] = self.visual_features(inputs).to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[MRopeState, torch.Tensor]:
+        cache = DynamicCache(config=self.model.config)
+        length = int(inputs.input_ids.shape[0])
+        positions, rope_delta = self.mrope(inputs)  # [3, L], int
+        if keep is None:
+            kwargs = self.model_inputs(inputs)
+            del kwargs["mm_token_type_ids"]  # only used to derive positions, which we pass
+            out = self.model(**kwargs, position_ids=positions[:, None], cache=cache, use_cache=True, logits_to_keep=1)
+            kept = length
+        else:
+            rows = LlavaAdapter.kept_positions(inputs, keep)  # [L_kept] sequence indices
+            out = self.model(
+                inputs_embeds=self.embed(inputs)[rows][None],
+                position_ids=positions[:, rows][:, None],  # [3, 1, L_kept]: original positions, gaps allowed
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            kept = int(rows.shape[0])
+        state = MRopeState(cache=cache, seq_len=length, pruned=length - kept, rope_delta=rope_delta)
+        return state, out.logits[0, -1, : self.vocab_size]
+
+    def _positions(self, state: MRopeState, k: int) -> torch.Tensor:
+        """[k] positions of the next k tokens (the same on the three M-RoPE rows)."""
+        start = state.seq_len + state.rope_delta
+        return torch.arange(start, start + k, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, state: MRopeState, token_ids: torch.Tensor) -> torch.Tensor:
+        k = int(token_ids.shape[0])
+        out = self.model(
+            input_ids=token_ids.to(self.device)[None],
+            position_ids=self._positions(state, k).expand(3, 1, k),
+            cache=state.cache,
+            use_cache=True,
+        )
+        state.seq_len += k
+        return out.logits[0, :, : self.vocab_size]
+
+    @torch.inference_mode()
+    def forward_batch(self, states: list[MRopeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Score ``token_ids[i]`` ([k_i]) after ``states[i]`` for every session in one batched forward.
+
+        Same scheme as ``LlavaAdapter.forward_batch`` (caches left-padded to the longest, blocks right-padded, a 2-D
+        attention mask zeroing both pads), with each row's M-RoPE positions ``seq_len + rope_delta + arange(k)``.
+
+        Returns:
+            Per session, logits [k_i, V] (equal to ``forward`` up to float rounding).
+        """
+        if len(states) != len(token_ids):
+            raise ValueError(f"{len(states)} states but {len(token_ids)} token blocks")
+        if len(states) == 1:
+            return [self.forward(states[0], token_ids[0])]
+        lengths = [int(t.shape[0]) for t in token_ids]
+        if min(lengths, default=1) < 1:
+            raise ValueError("every session needs at least one token to score")
+        past = [s.cache_len for s in states]
+        width, k_max, batch = max(past), max(lengths), len(states)
+        mask = torch.zeros(batch, width + k_max, dtype=torch.long, device=self.device)
+        ids = torch.zeros(batch, k_max, dtype=torch.long, device=self.device)
+        positions = torch.zeros(batch, k_max, dtype=torch.long, device=self.device)
+        for i, (state, toks) in enumerate(zip(states, token_ids, strict=True)):
+            mask[i, width - past[i] : width] = 1
+            mask[i, width : width + lengths[i]] = 1
+            ids[i, : lengths[i]] = toks.to(self.device)
+            positions[i] = self._positions(state, k_max)
+        cache = DynamicCache(config=self.model.config)
+        for layer_idx in range(len(states[0].cache.layers)):
+            keys, values = [], []
+            for state, n in zip(states, past, strict=True):
+                layer = state.cache.layers[layer_idx]
+                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, width - n, 0)))
+                values.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
+            cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions.expand(3, -1, -1), cache=cache, use_cache=True
+        )
+        for i, state in enumerate(states):
+            start, stop = width - past[i], width + lengths[i]
+            for own, merged in zip(state.cache.layers, cache.layers, strict=True):
+                own.keys = merged.keys[i : i + 1, :, start:stop]
+                own.values = merged.values[i : i + 1, :, start:stop]
+            state.seq_len += lengths[i]
+        return [out.logits[i, : lengths[i], : self.vocab_size] for i in range(batch)]
+
+    def rollback(self, state: DecodeState, seq_len: int) -> None:
+        if seq_len > state.seq_len:
+            raise ValueError(f"cannot roll forward: state has {state.seq_len} positions, asked {seq_len}")
+        drop = state.seq_len - seq_len
+        if drop:
+            state.cache.crop(-drop)  # transformers 5.x: a negative count of entries to remove
+            state.seq_len = seq_len
