@@ -141,7 +141,7 @@ def run_method(
 ) -> MethodPhase:  # fmt: skip
     """Every job of ``method`` spread over the devices; each row goes to ``sink`` as it finishes."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
     cfg = cluster.cfg
     queue = deque(jobs)
@@ -176,14 +176,19 @@ def run_method(
         i, job = running.pop(fut)
         try:
             row = ray.get(fut, timeout=0)
-        except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
+        except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError) as err:
             attempts[job.sample_id] = attempts.get(job.sample_id, 0) + 1
             phase.retries += 1
             if attempts[job.sample_id] >= cfg.cluster.max_attempts:
+                cause = getattr(err, "cause", None) or err
+                last = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
                 raise RunError(f"{method}: sample {job.sample_id} failed {attempts[job.sample_id]} times "
-                               f"(last: {type(err).__name__})") from None  # fmt: skip
+                               f"(last: {last[:300]})") from None  # fmt: skip
             queue.appendleft(job)  # another device takes it next
-            pinging[cluster.devices[i].ping.remote()] = i
+            if isinstance(err, RayTaskError) and not isinstance(err, RayActorError):
+                free.append(i)  # the request failed (e.g. its edge session could not be reopened), the device lives
+            else:
+                pinging[cluster.devices[i].ping.remote()] = i  # the actor died: back once Ray has restarted it
             continue
         row["attempts"] = attempts.get(job.sample_id, 0) + 1
         sink(row)

@@ -58,7 +58,8 @@ from covspec.runtime.transport import Transport
 SPECULATIVE_METHODS = ("vanilla_sd", "dssd", "covspec")
 ALL_METHODS = ("target_only", "draft_only", *SPECULATIVE_METHODS)
 MAX_REOPENS = 5
-"""Times one request may reopen its edge session (lost to expiry or a restarted edge) before it gives up."""
+"""Times in a row one request may reopen its edge session (lost to expiry or a restarted edge) without getting a
+reply, before it gives up."""
 _RECOVERABLE = (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNAVAILABLE)
 
 
@@ -80,7 +81,8 @@ class EdgeSession:
 
     open_msg: OpenSession
     in_flight: tuple[VerifyRequest, list[int]] | None = None  # the block awaiting its verdict, committed tokens
-    reopens: int = 0
+    reopens: int = 0  # in total
+    failed: int = 0  # reopens since the last reply
 
     @property
     def sid(self) -> str:
@@ -245,6 +247,8 @@ class Device:
                 return None
             raise EdgeError(f"edge refused a frame: {msg.code}: {msg.message}")
         if isinstance(msg, kind):
+            if self.session is not None:
+                self.session.failed = 0
             return msg
         if not isinstance(msg, SessionOpened):
             raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
@@ -254,7 +258,7 @@ class Device:
     def _reopen(self, kind: type) -> bool:
         """Reopen a lost session from the committed tokens and resend what was in flight; False if impossible."""
         sess = self.session
-        if sess is None or sess.reopens >= MAX_REOPENS:
+        if sess is None or sess.failed >= MAX_REOPENS:
             return False
         if kind is TokenChunk:
             committed, seq, block = list(self._streamed), self._chunks, None
@@ -266,7 +270,8 @@ class Device:
         if len(committed) >= sess.open_msg.max_new_tokens:
             return False
         sess.reopens += 1
-        time.sleep(min(0.05 * 2**sess.reopens, 1.0))  # give a restarting edge replica a moment (idle time)
+        sess.failed += 1
+        time.sleep(min(0.05 * 2 ** (sess.failed - 1), 1.0))  # give a restarting edge replica a moment (idle time)
         sess.open_msg = msgspec.structs.replace(sess.open_msg, session_id=new_session_id(), committed=committed,
                                                 seq=seq)  # fmt: skip
         self.transport.send(sess.open_msg)
@@ -348,10 +353,10 @@ class Device:
             tokens.extend(chunk.token_ids)
             if chunk.finished:
                 break
-        self.session = None  # the edge ends a finished stream's session itself
+        reopens, self.session = self._reopens(), None  # the edge ends a finished stream's session itself
         return RequestResult("target_only", tokens, self._decode(tokens), time.perf_counter() - start, ttft,
                              device_idle_s=self._idle, traffic=self.transport.traffic,
-                             session_reopens=self._reopens())  # fmt: skip
+                             session_reopens=reopens)  # fmt: skip
 
     def _reopens(self) -> int:
         return self.session.reopens if self.session is not None else 0

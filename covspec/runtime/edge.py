@@ -313,7 +313,8 @@ class Edge:
         self.stats.forwards += 1
         self.stats.batch_sizes[len(items)] = self.stats.batch_sizes.get(len(items), 0) + 1
         for (i, job), rows in zip(items, logits, strict=True):
-            replies[i].extend(job.finish(rows))
+            # Decisions run on the host, in float32 (CPU generators; the wire carries float32 anyway).
+            replies[i].extend(job.finish(rows.float().cpu()))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -370,6 +371,7 @@ class Edge:
                                                        f"{str(exc).splitlines()[0]}"), o.msg))  # fmt: skip
                 continue
             state, logits = results[i]
+            logits = logits.float().cpu()
             msg = o.msg
             self.sessions[msg.session_id] = Session(
                 session_id=msg.session_id,

@@ -1,0 +1,258 @@
+"""Batched edge work (one target forward for many sessions), session ownership and reopening: no Ray needed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from covspec.data.shapes import load_split
+from covspec.models.tiny import TINY_SPECS, tiny_llava
+from covspec.protocol import (
+    ErrorCode,
+    ErrorReply,
+    Link,
+    OpenSession,
+    SessionOpened,
+    TokenChunk,
+    VerifyRequest,
+    VerifyResponse,
+    decode,
+    encode,
+    new_session_id,
+    probs_to_bytes,
+)
+from covspec.runtime.device import Device, DeviceSettings, png_bytes
+from covspec.runtime.edge import Edge, Frame, Step
+from covspec.runtime.engine import colocated_profile
+from covspec.runtime.transport import InProcessTransport
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    return tiny_llava(TINY_SPECS[0], 0)
+
+
+def _open(edge: Edge, target, sample, method="covspec", peer="", temperature=0.0, **extra) -> str:
+    sid = new_session_id()
+    ids = target.prepare(sample.image(), sample.question).input_ids.tolist()
+    msg = OpenSession(sid, method, ids, png_bytes(sample.image()), "png", temperature, 1.0, 32, 3, 4, **extra)
+    replies = edge.process([Frame(encode(msg), peer)])[0]
+    assert isinstance(replies[0][0], SessionOpened), replies
+    return sid
+
+
+def _greedy_blocks(target, sample, k: int) -> list[int]:
+    """A block whose first tokens are the target's own greedy continuation, then a wrong one (a real rejection)."""
+    from covspec.decoding.autoregressive import generate
+
+    out = generate(target, target.prepare(sample.image(), sample.question), 8).token_ids
+    block = (out + [5] * k)[:k]
+    block[-1] = (block[-1] + 1) % target.vocab_size or 5
+    return block
+
+
+def test_batched_verification_equals_unbatched_for_sessions_of_different_lengths(target):
+    samples = load_split("test", 4, offset=11)  # different kinds: prompts of different lengths
+    lengths = {len(target.prepare(s.image(), s.question).input_ids) for s in samples}
+    assert len(lengths) > 1
+    edge_a, edge_b = Edge(target), Edge(target)
+    rounds = []
+    for i, s in enumerate(samples):
+        sid = new_session_id()
+        ids = target.prepare(s.image(), s.question).input_ids.tolist()
+        msg = OpenSession(sid, "covspec", ids, png_bytes(s.image()), "png", 0.0, 1.0, 32, 3, 4)
+        edge_a.process([Frame(encode(msg))])
+        edge_b.process([Frame(encode(msg))])
+        rounds.append((sid, _greedy_blocks(target, s, 2 + i)))
+    frames = [Frame(encode(VerifyRequest(sid, 0, block, committed_len=0, last_token=-1))) for sid, block in rounds]
+    batched = edge_a.process(frames)  # one batched forward over 4 sessions
+    single = [edge_b.process([f])[0] for f in frames]  # one forward each
+    assert edge_a.stats.batch_sizes == {len(frames): 1}
+    for got, want in zip(batched, single, strict=True):
+        (msg_a, _), (msg_b, _) = got[0], want[0]
+        assert isinstance(msg_a, VerifyResponse)
+        assert (msg_a.num_accepted, msg_a.token) == (msg_b.num_accepted, msg_b.token)
+    assert any(m[0][0].num_accepted > 0 for m in batched) and any(
+        m[0][0].num_accepted < len(b) for m, (_, b) in zip(batched, rounds, strict=True)
+    )
+    # the next round continues from the batched caches exactly like the single ones
+    for (sid, _), got in zip(rounds, batched, strict=True):
+        reply = got[0][0]
+        nxt = VerifyRequest(sid, 1, [5, 6], committed_len=reply.num_accepted + 1, last_token=reply.token)
+        a, b = edge_a.process([Frame(encode(nxt))])[0][0][0], edge_b.process([Frame(encode(nxt))])[0][0][0]
+        assert (a.num_accepted, a.token) == (b.num_accepted, b.token)
+        sa, sb = edge_a.sessions[sid], edge_b.sessions[sid]
+        assert sa.state.seq_len == sb.state.seq_len and sa.committed == sb.committed
+        torch.testing.assert_close(sa.last_logits, sb.last_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_target_only_steps_decode_all_streams_in_one_forward(target):
+    samples = load_split("test", 3, offset=5)
+    edge = Edge(target)
+    sids = [_open(edge, target, s, method="target_only") for s in samples]
+    streams: dict[str, list[int]] = {sid: [] for sid in sids}
+    while any(sid in edge.sessions for sid in sids):
+        live = [sid for sid in sids if sid in edge.sessions]
+        for sid, replies in zip(live, edge.process([Step(sid) for sid in live]), strict=True):
+            chunk = replies[0][0]
+            assert isinstance(chunk, TokenChunk)
+            streams[sid].extend(chunk.token_ids)
+    assert max(edge.stats.batch_sizes) == 3  # every live stream in one forward
+    single = Edge(target)
+    for sid, s in zip(sids, samples, strict=True):
+        transport = InProcessTransport(single.handle, Link(colocated_profile()))
+        try:
+            r = Device(target, transport, DeviceSettings(method="target_only", max_new_tokens=32)).run(
+                s.image(), s.question
+            )
+        finally:
+            transport.close()
+        assert streams[sid] == r.token_ids
+
+
+def test_batched_prefill_equals_single_prefill(target):
+    samples = load_split("test", 3, offset=2)
+    edge_a, edge_b = Edge(target), Edge(target)
+    msgs = []
+    for s in samples:
+        ids = target.prepare(s.image(), s.question).input_ids.tolist()
+        msgs.append(OpenSession(new_session_id(), "covspec", ids, png_bytes(s.image()), "png", 0.0, 1.0, 32, 0, 4))
+    edge_a.process([Frame(encode(m)) for m in msgs])
+    for m in msgs:
+        edge_b.process([Frame(encode(m))])
+    assert edge_a.stats.forwards == 1 and edge_b.stats.forwards == 3
+    for m in msgs:
+        a, b = edge_a.sessions[m.session_id], edge_b.sessions[m.session_id]
+        assert a.state.seq_len == b.state.seq_len
+        torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-4, rtol=1e-4)
+
+
+def _snapshot(edge: Edge, sid: str):
+    s = edge.sessions[sid]
+    return s.seq, list(s.committed), s.state.seq_len, s.last_logits.clone(), s.peer
+
+
+def test_a_session_belongs_to_its_device(target):
+    sample = load_split("test", 1)[0]
+    edge = Edge(target)
+    sid = _open(edge, target, sample, peer="device-a")
+    before = _snapshot(edge, sid)
+    for frame in (
+        VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1),  # another device naming it
+        VerifyRequest(sid, 0, [5], committed_len=0, last_token=-1, draft_probs=probs_to_bytes(torch.tensor([0.5]))),
+    ):
+        reply = edge.process([Frame(encode(frame), "device-b")])[0][0][0]
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION
+    from covspec.protocol import Close
+
+    reply = edge.process([Frame(encode(Close(sid)), "device-b")])[0][0][0]
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION
+    after = _snapshot(edge, sid)
+    assert before[:3] == after[:3] and torch.equal(before[3], after[3]) and after[4] == "device-a"
+    ok = edge.process([Frame(encode(VerifyRequest(sid, 0, [5], committed_len=0, last_token=-1)), "device-a")])
+    assert isinstance(ok[0][0][0], VerifyResponse)
+
+
+def test_an_expired_session_is_refused_and_the_others_are_untouched(target):
+    sample = load_split("test", 1)[0]
+    edge = Edge(target, session_ttl_s=60)
+    old, fresh = _open(edge, target, sample), _open(edge, target, sample)
+    edge.sessions[old].last_used -= 120  # idle for two minutes
+    before = _snapshot(edge, fresh)
+    reply = edge.process([Frame(encode(VerifyRequest(old, 0, [5], committed_len=0, last_token=-1)))])[0][0][0]
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION
+    assert old not in edge.sessions and _snapshot(edge, fresh)[:3] == before[:3]
+
+
+def test_reopen_refuses_bad_committed_tokens(target):
+    sample = load_split("test", 1)[0]
+    edge = Edge(target)
+    ids = target.prepare(sample.image(), sample.question).input_ids.tolist()
+    for committed, words in (([target.eos_token_id], "EOS"), ([5] * 32, "max_new_tokens"),
+                             ([target.image_token_id], "placeholder")):  # fmt: skip
+        msg = OpenSession(new_session_id(), "covspec", ids, png_bytes(sample.image()), "png", 0.0, 1.0, 32, 0, 4,
+                          committed=committed, seq=3)  # fmt: skip
+        reply = edge.process([Frame(encode(msg))])[0][0][0]
+        assert isinstance(reply, ErrorReply) and words in reply.message
+    assert not edge.sessions
+
+
+class _Forgetful:
+    """An edge handler that loses every session after every ``every``-th verdict (an expiry, a replica restart)."""
+
+    def __init__(self, edge: Edge, every: int) -> None:
+        self.edge, self.every, self.verdicts = edge, every, 0
+
+    def __call__(self, payload: bytes, peer: str = ""):
+        for msg, frame in self.edge.handle(payload, peer):
+            yield msg, frame
+            if isinstance(msg, VerifyResponse | TokenChunk):
+                self.verdicts += 1
+                if self.verdicts % self.every == 0:
+                    self.edge.sessions.clear()
+
+
+@pytest.mark.parametrize("method", ["target_only", "vanilla_sd", "dssd", "covspec"])
+def test_a_lost_session_is_reopened_and_the_output_does_not_change(toy_pair, method):
+    target, draft = toy_pair
+    samples = [s for s in load_split("test", 12) if s.kind == "describe"][:2]  # long answers: several rounds
+    for sample in samples:
+        outputs = []
+        for handler in (Edge(target).handle, _Forgetful(Edge(target), every=2)):
+            transport = InProcessTransport(handler, Link(colocated_profile()))
+            settings = DeviceSettings(method=method, max_new_tokens=40, gamma=3)
+            try:
+                outputs.append(Device(draft, transport, settings).run(sample.image(), sample.question))
+            finally:
+                transport.close()
+        plain, lossy = outputs
+        assert lossy.token_ids == plain.token_ids
+        assert plain.session_reopens == 0 and lossy.session_reopens >= 1, method
+
+
+def test_a_session_that_cannot_be_reopened_fails_clearly(toy_pair):
+    from covspec.runtime.device import EdgeError
+
+    target, draft = toy_pair
+    sample = next(s for s in load_split("test", 12) if s.kind == "describe")
+    edge = Edge(target)
+
+    def amnesiac(payload: bytes, peer: str = ""):  # loses every session as soon as it opened it
+        for msg, frame in edge.handle(payload, peer):
+            yield msg, frame
+            if isinstance(msg, SessionOpened):
+                edge.sessions.clear()
+
+    transport = InProcessTransport(amnesiac, Link(colocated_profile()))
+    try:
+        with pytest.raises(EdgeError, match="unknown_session"):
+            Device(draft, transport, DeviceSettings(method="covspec", max_new_tokens=40, gamma=1)).run(
+                sample.image(), sample.question
+            )
+    finally:
+        transport.close()
+
+
+def test_stale_frames_of_an_old_session_are_ignored(toy_pair):
+    target, draft = toy_pair
+    sample = load_split("test", 1)[0]
+    edge = Edge(target)
+
+    def noisy(payload: bytes, peer: str = ""):
+        yield from edge.handle(payload, peer)
+        stale = ErrorReply("A" * 16, 0, ErrorCode.UNKNOWN_SESSION, "a late reply to a session closed long ago")
+        yield stale, encode(stale)
+
+    transport = InProcessTransport(noisy, Link(colocated_profile()))
+    try:
+        r = Device(draft, transport, DeviceSettings(method="covspec", max_new_tokens=24)).run(
+            sample.image(), sample.question
+        )
+    finally:
+        transport.close()
+    assert r.session_reopens == 0 and r.token_ids
+    assert decode(encode(ErrorReply("", -1, "x", "y"))).session_id == ""
+    assert copy.copy(r.token_ids) == r.token_ids
