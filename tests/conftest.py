@@ -29,3 +29,31 @@ def toy_pair():
 
     torch.set_num_threads(1)
     return load_adapter("toy-target"), load_adapter("toy-draft", key="models.draft.path")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray (2 CPUs) for the whole test session, token auth off for speed (``test_cluster`` runs the
+    ``covspec run`` command in a subprocess with Ray's default token auth on). Shut down at the end of the session."""
+    import os
+    import tempfile
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+    try:
+        yield ray
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

@@ -116,9 +116,10 @@ class DeviceWorker:
         os._exit(1)
 
 
-def device_actor(cfg: Config):
-    """The Ray actor class of a device, with the resources of ``cfg.cluster``."""
-    return ray.remote(DeviceWorker).options(
-        num_cpus=cfg.cluster.device_cpus, max_restarts=1, max_task_retries=0,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cluster.device_threads)}},
-    )  # fmt: skip
+DeviceActor = ray.remote(DeviceWorker)
+
+
+def device_options(cfg: Config) -> dict[str, Any]:
+    """Ray actor options of a device: fractional CPUs, one restart after a crash, no silent task retries."""
+    return {"num_cpus": cfg.cluster.device_cpus, "max_restarts": 1, "max_task_retries": 0,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.cluster.device_threads)}}}  # fmt: skip

@@ -83,7 +83,7 @@ class Cluster:
         import ray
         from ray import serve
 
-        from covspec.cluster.devices import device_actor
+        from covspec.cluster.devices import DeviceActor, device_options
         from covspec.cluster.edge_app import APP_NAME, StatsBoard, edge_app
 
         self.cfg = cfg
@@ -109,9 +109,9 @@ class Cluster:
         serve.run(edge_app(cfg, self.board_name, self.namespace), name=self.app_name,
                   route_prefix="/covspec" if c.http else None)  # fmt: skip
         log(f"starting {c.num_devices} device actors ...")
-        actor = device_actor(cfg)
         text = config_to_yaml(cfg)
-        self.devices = [actor.remote(text, i, self.app_name) for i in range(c.num_devices)]
+        self.devices = [DeviceActor.options(name=f"covspec-device-{tag}-{i}", **device_options(cfg))
+                        .remote(text, i, self.app_name) for i in range(c.num_devices)]  # fmt: skip
         self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
 
     def edge_stats(self) -> dict[str, Any]:
@@ -317,7 +317,8 @@ def _plots(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path)
             ax.hist(lengths, bins=range(1, max(lengths) + 2), alpha=0.5, label=name)
     ax.set_xlabel("tokens committed per verification round (accepted + 1)")
     ax.set_ylabel("rounds")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accepted_length_hist.png", dpi=100)
     plt.close(fig)
@@ -330,9 +331,17 @@ def _accepted(row: dict[str, Any]) -> list[int]:
 
 
 def run_experiment(
-    cfg: Config, resume: str | None = None, log: Callable[[str], None] = print, progress_factory=None
+    cfg: Config,
+    resume: str | None = None,
+    log: Callable[[str], None] = print,
+    progress_factory=None,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
-    """Run the experiment of ``cfg``; returns {"run_id", "summary", "table", "dir"}."""
+    """Run the experiment of ``cfg``; returns {"run_id", "summary", "table", "dir", "phases"}.
+
+    ``cluster``: an existing ``Cluster`` (built from a config with the same models and cluster section) to reuse;
+    by default one is started for the run and torn down after it.
+    """
     from covspec import tracking
     from covspec.cluster.devices import Job
     from covspec.data import load_benchmark
@@ -346,7 +355,10 @@ def run_experiment(
         path = results_dir(resume) / "samples.jsonl"
         if not path.is_file():
             raise InputError(f"--resume {resume}: no results at {path} (run ids are the names under {RESULTS_ROOT}/)")
-        rows = [r for r in read_rows(path) if r.get("method") in cfg.methods]
+        kept = read_rows(path)
+        # rewrite without a torn last line, so that new rows start on a line of their own
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        rows = [r for r in kept if r.get("method") in cfg.methods]
         done = {(r["method"], r["sample_id"]) for r in rows}
     tags = {"covspec.command": "run"}
     with tracking.start_run(cfg, "covspec-run", tags, run_id=resume if cfg.tracking.enabled else None) as active:
@@ -359,7 +371,8 @@ def run_experiment(
         log(f"run {run_id}: results in {jsonl}")
         phases: dict[str, MethodPhase] = {}
         try:
-            cluster = Cluster(cfg, log)
+            own = cluster is None
+            cluster = Cluster(cfg, log) if own else cluster
             try:
                 with jsonl.open("a", encoding="utf-8") as sink_file:
 
@@ -391,7 +404,8 @@ def run_experiment(
                         phases[method] = run_method(cluster, method, jobs, sink, advance)
                         tracking.log_metrics({"wall_s": phases[method].wall_s}, prefix=f"{method}.")
             finally:
-                cluster.close()
+                if own:
+                    cluster.close()
         finally:
             summary = summarize_run(cfg, rows, phases) if rows else []
             table = format_table(cfg, summary, run_id) if summary else ""

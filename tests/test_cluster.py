@@ -1,0 +1,191 @@
+"""The distributed runtime: `covspec run` end to end, device and edge faults, resume. Marked ``ray``.
+
+One session-scoped local Ray (``ray_session``, 2 CPUs, token auth off for speed); the end-to-end test runs the
+``covspec run`` command in a subprocess with Ray's default token authentication on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from covspec.config import load_config
+from covspec.data.shapes import load_split
+from covspec.decoding.autoregressive import generate
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SMALL = ["cluster.num_devices=2", "cluster.warmup=false", "generation.max_new_tokens=24", "cluster.batch_wait_ms=1"]
+
+
+def _reference(target, samples, max_new_tokens: int) -> dict[str, list[int]]:
+    return {s.sample_id: generate(target, target.prepare(s.image(), s.question), max_new_tokens).token_ids
+            for s in samples}  # fmt: skip
+
+
+def _describe_samples(n: int):
+    return [s for s in load_split("test", 40) if s.kind == "describe"][:n]  # long answers: many rounds
+
+
+def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_pair):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth on
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    cmd = [sys.executable, "-m", "covspec.cli", "run", "data.limit=2", *SMALL, "tracking.enabled=true",
+           f"tracking.uri={uri}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Token authentication is enabled" in proc.stderr
+    cfg = load_config(None, ["data.limit=2"])
+    for method in cfg.methods:
+        assert method in proc.stdout
+    runs = list((tmp_path / "results").iterdir())
+    assert len(runs) == 1
+    rows = [json.loads(line) for line in (runs[0] / "samples.jsonl").read_text().splitlines()]
+    assert Counter((r["method"], r["sample_id"]) for r in rows) == {(m, s.sample_id): 1 for m in cfg.methods
+                                                                    for s in load_split("test", 2)}  # fmt: skip
+    target, _ = toy_pair
+    reference = _reference(target, load_split("test", 2), 24)
+    for r in rows:
+        assert r["token_ids"] == reference[r["sample_id"]], r["method"]
+        assert r["num_tokens"] > 0 and r["bytes_upload"] > 0
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    by = {row["method"]: row for row in summary}
+    assert by["covspec"]["identical_to_target_only"] == 1.0
+    assert by["covspec"]["decoding_bytes_per_token"] < by["vanilla_sd"]["decoding_bytes_per_token"]
+    assert by["covspec"]["edge_capacity"] > 0 and by["target_only"]["system_tokens_per_s"] > 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(runs[0].name)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["cluster.num_devices"] == "2"
+    assert "covspec.edge_capacity" in run.data.metrics and "target_only.system_tokens_per_s" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples.jsonl", "table.txt", "config.yaml", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/throughput.png", "plots/bytes_per_token.png", "plots/accepted_length_hist.png"} <= plots
+
+
+def _jobs(method: str, samples):
+    from covspec.cluster.devices import Job
+    from covspec.cluster.experiment import _png
+
+    return [Job(method, s.sample_id, s.question, _png(s.image()), i) for i, s in enumerate(samples)]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session):
+    """One edge + 2 devices shared by the fault tests (in file order; the last one kills the devices)."""
+    from covspec.cluster.experiment import Cluster
+
+    cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40"])
+    cl = Cluster(cfg, log=lambda m: None)
+    yield cl
+    cl.close()
+
+
+def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, toy_pair):
+    import ray
+
+    from covspec.cluster.experiment import run_method
+
+    samples = _describe_samples(4)
+    rows: list[dict] = []
+
+    def sink(row):
+        if not rows:  # both devices started together: the other one is mid-sample now
+            ray.kill(cluster.devices[1 - row["device"]], no_restart=False)
+        rows.append(row)
+
+    phase = run_method(cluster, "covspec", _jobs("covspec", samples), sink)
+    assert phase.retries >= 1
+    assert Counter(r["sample_id"] for r in rows) == {s.sample_id: 1 for s in samples}
+    reference = _reference(toy_pair[0], samples, 40)
+    assert all(r["token_ids"] == reference[r["sample_id"]] for r in rows)
+    assert any(r["attempts"] > 1 for r in rows)
+
+
+def test_an_edge_replica_killed_mid_run_is_replaced_and_outputs_do_not_change(cluster, toy_pair):
+    from ray import serve
+
+    from covspec.cluster.edge_app import DEPLOYMENT_NAME
+    from covspec.cluster.experiment import run_method
+
+    samples = _describe_samples(4)
+    rows: list[dict] = []
+    replicas = cluster.edge_stats()["replicas"]
+
+    def sink(row):
+        if not rows:
+            serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=cluster.app_name).crash.remote()
+        rows.append(row)
+
+    run_method(cluster, "covspec_no_adaptive", _jobs("covspec_no_adaptive", samples), sink)
+    assert Counter(r["sample_id"] for r in rows) == {s.sample_id: 1 for s in samples}
+    reference = _reference(toy_pair[0], samples, 40)
+    assert all(r["token_ids"] == reference[r["sample_id"]] for r in rows)
+    assert cluster.edge_stats()["replicas"] == replicas + 1  # Serve started a replica in place of the dead one
+    assert sum(r["session_reopens"] for r in rows) + sum(r["attempts"] - 1 for r in rows) >= 1
+
+
+def test_resume_skips_finished_samples_and_continues_the_mlflow_run(cluster, tmp_path, monkeypatch):
+    import mlflow
+
+    from covspec.cluster.experiment import read_rows, run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40", "data.limit=2", "methods=[target_only,covspec]",
+                             "tracking.enabled=true", f"tracking.uri={uri}"])  # fmt: skip
+    first = run_experiment(cfg, log=lambda m: None, cluster=cluster)
+    path = Path(first["dir"]) / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    dropped = json.loads(lines[-1])
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # the last row torn mid-write
+    second = run_experiment(cfg, resume=first["run_id"], log=lambda m: None, cluster=cluster)
+    assert second["run_id"] == first["run_id"]
+    assert list(second["phases"]) == [dropped["method"]]  # only the unfinished method ran again
+    rows = read_rows(path)
+    assert Counter((r["method"], r["sample_id"]) for r in rows) == {
+        (m, s.sample_id): 1 for m in ("target_only", "covspec") for s in load_split("test", 2)
+    }
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(first["run_id"]).info.status == "FINISHED"
+    with pytest.raises(Exception, match="no results"):
+        run_experiment(cfg, resume="nonexistent-run", log=lambda m: None, cluster=cluster)
+
+
+def test_a_run_that_cannot_progress_fails_clearly_and_keeps_partial_results(cluster, tmp_path, monkeypatch):
+    import mlflow
+    import ray
+
+    from covspec.cluster.experiment import RunError, run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40", "data.limit=6", "methods=[target_only]",
+                             "tracking.enabled=true", f"tracking.uri={uri}"])  # fmt: skip
+
+    def progress_factory(method, total):
+        def advance():  # after the first result, every device dies for good
+            for device in cluster.devices:
+                ray.kill(device, no_restart=True)
+
+        return advance
+
+    with pytest.raises(RunError, match="no device is left"):
+        run_experiment(cfg, log=lambda m: None, progress_factory=progress_factory, cluster=cluster)
+    (run_dir,) = (tmp_path / "results").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert 1 <= len(rows) < 6
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_dir.name).info.status == "FAILED"
+    assert "samples.jsonl" in {a.path for a in client.list_artifacts(run_dir.name)}
