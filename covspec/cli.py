@@ -137,6 +137,7 @@ def _register_commands() -> None:
     """Imports the modules whose subcommands register themselves with :func:`command`."""
     import covspec.cluster.commands
     import covspec.commands  # noqa: F401
+    import tune.commands  # noqa: F401
 
 
 if __name__ == "__main__":

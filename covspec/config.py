@@ -47,6 +47,7 @@ __all__ = [
     "PruningConfig",
     "ScoreWeights",
     "TrackingConfig",
+    "TuneConfig",
     "VerificationConfig",
     "config_to_dict",
     "config_to_yaml",
@@ -69,6 +70,7 @@ BENCHMARKS = ("shapes", "vqav2", "mmbench", "mmmu")  # loaders: covspec.data.loa
 SPLITS = ("train", "val", "test")
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
+TUNE_METRICS = ("speedup", "tokens_per_s")  # what `covspec tune` maximizes (docs/tune.md)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 _MAX_SEED = 2**32 - 1  # the range every RNG we seed (random, numpy, torch) accepts
 
@@ -383,6 +385,10 @@ class ClusterConfig(_Section):
     """Ray Serve replicas of the edge verifier (1..64); a session stays on the replica holding its cache."""
     edge_cpus: float = 0.5
     """CPUs Ray reserves per edge replica (fractional, in (0, 64])."""
+    edge_gpus: float = 0.0
+    """GPUs Ray reserves per edge replica (>= 0; Ray hides GPUs from actors that reserve none)."""
+    device_gpus: float = 0.0
+    """GPUs Ray reserves per device actor (>= 0, fractional allowed)."""
     edge_threads: int = 1
     """Torch threads of each edge replica (>= 1); with 1, the edge's CPU time is its compute time."""
     max_batch_size: int = 16
@@ -416,6 +422,8 @@ class ClusterConfig(_Section):
         _check_int(_join(prefix, "edge_replicas"), self.edge_replicas, 1, 64)
         _check_number(_join(prefix, "edge_cpus"), self.edge_cpus, 0, 64, low_open=True)
         _check_int(_join(prefix, "edge_threads"), self.edge_threads, 1)
+        _check_number(_join(prefix, "edge_gpus"), self.edge_gpus, 0)
+        _check_number(_join(prefix, "device_gpus"), self.device_gpus, 0)
         _check_int(_join(prefix, "max_batch_size"), self.max_batch_size, 1, 1024)
         _check_number(_join(prefix, "batch_wait_ms"), self.batch_wait_ms, 0, 1000)
         _check_number(_join(prefix, "session_ttl_s"), self.session_ttl_s, 0, low_open=True)
@@ -427,6 +435,65 @@ class ClusterConfig(_Section):
         _check_number(_join(prefix, "sample_timeout_s"), self.sample_timeout_s, 0, low_open=True)
         _check_int(_join(prefix, "max_attempts"), self.max_attempts, 1, 100)
         _check_bool(_join(prefix, "warmup"), self.warmup)
+
+
+@dataclass
+class TuneConfig(_Section):
+    """``covspec tune``: a Ray Tune + Optuna search over this config's keys, tracked in MLflow (docs/tune.md).
+
+    Each trial runs target_only and covspec on ``val_limit`` samples of the val split with the trial's config; its
+    objectives are ``metric`` (up) and decoding bytes per token (down). Greedy trials whose output differs from
+    target_only are infeasible. These keys only steer the search: ``best.yaml`` carries their defaults.
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted config key -> ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{int: [lo, hi]}``
+    or ``{choice: [v, ...]}``; a section key may choose among named mappings (``link: {choice: {lan: {...}}}``).
+    Empty: the built-in default space (``configs/tune/default.yaml`` spells it out)."""
+    num_samples: int = 16
+    """Trials to run (1..10000)."""
+    max_concurrent: int = 2
+    """Trials running at once (1..256)."""
+    time_budget_s: float = 1200.0
+    """Wall-clock budget of the whole search in seconds (> 0); running trials are stopped when it is spent."""
+    metric: str = "speedup"
+    """Speed objective, maximized: ``speedup`` (covspec tokens/s over target_only's, measured on the same samples
+    in the same trial: robust to machine load) or ``tokens_per_s``."""
+    trial_cpus: float = 1.0
+    """CPUs Ray reserves per trial (fractional, in (0, 64]); a trial runs floor(trial_cpus) torch threads (>= 1)."""
+    val_limit: int = 20
+    """Validation samples per trial (1..100000), taken from the val split from ``data.offset``."""
+    report_every: int = 5
+    """Samples per intermediate report (>= 1): ASHA compares trials at these points."""
+    grace_period: int = 1
+    """Reports a trial makes before ASHA may stop it early (>= 1)."""
+    include_base: bool = True
+    """Evaluate this config's own values of the searched keys as the first trial (the baseline)."""
+    max_accuracy_drop: float = 0.0
+    """Sampling only (greedy output must match target_only exactly): the largest drop of exact match below
+    target_only's that a feasible trial may show, in [0, 1]."""
+    name: str | None = None
+    """Search name: results under ``<storage>/<name>``; None: a new ``search-<time>`` (with --resume: the latest)."""
+    storage: str = "results/tune"
+    """Directory of the searches' Ray Tune state and outputs."""
+
+    def _check(self, prefix: str) -> None:
+        if not isinstance(self.space, dict):
+            raise ConfigError(f"{_join(prefix, 'space')} must be a mapping of dotted keys, got {self.space!r}")
+        _check_int(_join(prefix, "num_samples"), self.num_samples, 1, 10000)
+        _check_int(_join(prefix, "max_concurrent"), self.max_concurrent, 1, 256)
+        _check_number(_join(prefix, "time_budget_s"), self.time_budget_s, 0, low_open=True)
+        _check_choice(_join(prefix, "metric"), self.metric, TUNE_METRICS)
+        _check_number(_join(prefix, "trial_cpus"), self.trial_cpus, 0, 64, low_open=True)
+        _check_int(_join(prefix, "val_limit"), self.val_limit, 1, 100000)
+        _check_int(_join(prefix, "report_every"), self.report_every, 1)
+        _check_int(_join(prefix, "grace_period"), self.grace_period, 1)
+        _check_bool(_join(prefix, "include_base"), self.include_base)
+        _check_number(_join(prefix, "max_accuracy_drop"), self.max_accuracy_drop, 0, 1)
+        _check_text(_join(prefix, "name"), self.name, optional=True)
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"{_join(prefix, 'name')} must be letters, digits, '_', '.' or '-', got {self.name!r}")
+        _check_text(_join(prefix, "storage"), self.storage)
 
 
 @dataclass
@@ -460,6 +527,8 @@ class Config(_Section):
     """MLflow tracking."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray device actors and the Ray Serve edge (``covspec run``)."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyperparameter search (``covspec tune``)."""
     threads: int = 2
     """Torch intra-op threads per process (>= 1)."""
     output: str | None = None
@@ -563,6 +632,8 @@ def _describe(tp: Any) -> str:
         return names[tp]
     if tp == str | None:
         return "a string or null"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
     if typing.get_origin(tp) is list:
         return "a list of strings" if typing.get_args(tp) == (str,) else "a list"
     if dataclasses.is_dataclass(tp):
@@ -591,6 +662,8 @@ def _check_keys(data: Mapping, schema: type, prefix: str, where: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted} must be {_describe(hints[key])}, got {value!r}{where}")
             _check_keys(value, hints[key], dotted, where)
+        elif typing.get_origin(hints[key]) is dict and not isinstance(value, Mapping):  # OmegaConf: a TypeError
+            raise ConfigError(f"{dotted} must be {_describe(hints[key])}, got {value!r}{where}")
 
 
 def _first_line(err: OmegaConfBaseException) -> str:

@@ -121,5 +121,6 @@ DeviceActor = ray.remote(DeviceWorker)
 
 def device_options(cfg: Config) -> dict[str, Any]:
     """Ray actor options of a device: fractional CPUs, one restart after a crash, no silent task retries."""
-    return {"num_cpus": cfg.cluster.device_cpus, "max_restarts": 1, "max_task_retries": 0,
+    return {"num_cpus": cfg.cluster.device_cpus, "num_gpus": cfg.cluster.device_gpus, "max_restarts": 1,
+            "max_task_retries": 0,
             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.cluster.device_threads)}}}  # fmt: skip

@@ -218,7 +218,7 @@ def edge_app(cfg: Config, board_name: str | None, namespace: str | None):
         "name": DEPLOYMENT_NAME,
         "num_replicas": c.edge_replicas,
         "max_ongoing_requests": ongoing,
-        "ray_actor_options": {"num_cpus": c.edge_cpus},
+        "ray_actor_options": {"num_cpus": c.edge_cpus, "num_gpus": c.edge_gpus},
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": 1.0,
     }

@@ -232,6 +232,10 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             row["edge_busy_s"] = busy
             row["edge_busy_fraction"] = busy / phase.wall_s
             row["edge_capacity"] = tokens / busy if busy > 0 else None
+            cpu = phase.edge.get("cpu_s", 0.0)
+            row["edge_cpu_s"] = cpu
+            row["edge_capacity_cpu"] = tokens / cpu if cpu > 0 else None
+            row["edge_prefill_share"] = phase.edge.get("prefill_s", 0.0) / busy if busy > 0 else None
             sizes = phase.edge.get("batch_sizes", {})
             n = sum(sizes.values())
             row["mean_batch"] = sum(int(k) * v for k, v in sizes.items()) / n if n else None
@@ -240,7 +244,7 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
         row["session_reopens"] = s.sum("session_reopens")
     if base is not None:
         for row in out:
-            for key in ("system_tokens_per_s", "edge_capacity", "tokens_per_s_per_device"):
+            for key in ("system_tokens_per_s", "edge_capacity", "edge_capacity_cpu", "tokens_per_s_per_device"):
                 if row.get(key) and base.get(key):
                     row[f"{key}_vs_target_only"] = row[key] / base[key]
     return out
@@ -249,12 +253,14 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
 COLUMNS = [
     ("method", "method", "s"), ("sys tok/s", "system_tokens_per_s", ".1f"),
     ("speedup", "system_tokens_per_s_vs_target_only", ".2f"), ("edge cap tok/s", "edge_capacity", ".1f"),
-    ("cap vs t.o.", "edge_capacity_vs_target_only", ".2f"), ("tok/s/dev", "tokens_per_s_per_device", ".1f"),
+    ("cap vs t.o.", "edge_capacity_vs_target_only", ".2f"), ("cap/CPU", "edge_capacity_cpu", ".1f"),
+    ("CPU vs t.o.", "edge_capacity_cpu_vs_target_only", ".2f"), ("tok/s/dev", "tokens_per_s_per_device", ".1f"),
     ("acc.len", "mean_accepted_length", ".2f"), ("B/tok", "decoding_bytes_per_token", ".1f"),
     ("upload B/req", "upload_bytes_per_request", ".0f"), ("vs vanilla", "reduction_vs_vanilla", ".2%"),
     ("vs vanilla@152k*", "projected_reduction_vs_vanilla", ".3%"), ("EM", "exact_match", ".1%"),
     ("=target", "identical_to_target_only", ".0%"), ("p50 s", "latency_p50_s", ".3f"),
-    ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"), ("batch", "mean_batch", ".1f"),
+    ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"),
+    ("prefill", "edge_prefill_share", ".0%"), ("batch", "mean_batch", ".1f"),
 ]  # fmt: skip
 
 
@@ -276,7 +282,8 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
     console.print(
         "sys tok/s: generated tokens of all devices / wall time of the method's phase; speedup is against "
         "target_only in this run.\nedge cap: generated tokens per second of edge busy time (the edge's own clock, "
-        "all replicas): the figure that survives devices and edge sharing cores.\ntok/s/dev: tokens / request "
+        "all replicas); cap/CPU: per second of edge CPU time, which devices sharing the cores do not stretch "
+        "(docs/cluster.md). prefill: share of edge busy time spent prefilling.\ntok/s/dev: tokens / request "
         "latency, as one device sees it. B/tok: decoding traffic per generated token (both directions, counted from "
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "
         f"151,936-token vocabulary. Placement: {c.num_devices} device actors x {c.device_cpus:g} CPU, "
