@@ -353,8 +353,8 @@ class LinkConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow tracking."""
 
-    enabled: bool = False
-    """Log runs to MLflow."""
+    enabled: bool = True
+    """Log runs to MLflow (``covspec run``, ``covspec tune`` and the pipelines; ``covspec bench`` only prints)."""
     uri: str | None = None
     """MLflow tracking URI; None means ``sqlite:///<repo-or-cwd>/mlruns/mlflow.db`` (decided by tracking)."""
     experiment: str = "covspec"

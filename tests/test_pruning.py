@@ -218,7 +218,7 @@ def test_build_pruner_and_constructors_refuse_bad_values():
         build_pruner(PruningConfig(method="joint", keep_ratio=0.0))
     with pytest.raises(ConfigError, match=r"pruning\.weights\.lowrank"):
         build_pruner(PruningConfig(method="joint", keep_ratio=0.5, weights=ScoreWeights(lowrank=-2.0)))
-    assert build_pruner(PruningConfig()) is None
+    assert build_pruner(PruningConfig(method="none")) is None
     assert isinstance(build_pruner(PruningConfig(method="joint", keep_ratio=0.25)), JointPruner)
     for bad in (0, 0.0, -0.5, 1.01, float("nan"), float("inf"), "0.5", True):
         with pytest.raises(ValueError, match="keep_ratio"):
@@ -286,7 +286,9 @@ def test_prune_target_is_lossy_and_labelled():
     assert r.token_ids == generate(target, inputs, 16, keep=keep).token_ids  # the pruned target's own output
     assert r.num_accepted == r.num_drafted  # draft and target see the same tokens: every draft is accepted
     assert r.traffic.total("up", "upload") > 0
-    unpruned = _engine(target, target, edge, prune_target="true").run("covspec", sample.image(), sample.question)
+    unpruned = _engine(target, target, edge, method="none", prune_target="true").run(
+        "covspec", sample.image(), sample.question
+    )
     assert not unpruned.lossy  # nothing was pruned: not lossy
 
 
@@ -326,7 +328,7 @@ def test_engine_builds_the_configured_pruner():
     target = tiny_llava(TINY_SPECS[0], 0)
     engine = _engine(target, target, Edge(target), method="diversity", keep_ratio=0.5)
     assert type(engine.pruner).__name__ == "DiversityPruner" and engine.pruner.keep_ratio == 0.5
-    assert _engine(target, target, Edge(target)).pruner is None
+    assert _engine(target, target, Edge(target), method="none").pruner is None
     cfg = dataclasses.replace(engine.cfg, pruning=PruningConfig(method="joint", keep_ratio=0.0))
     with pytest.raises(ConfigError, match=r"pruning\.keep_ratio"):
         LocalEngine(cfg, target, target, Edge(target))
@@ -338,7 +340,8 @@ def test_engine_builds_the_configured_pruner():
 def test_prune_eval_pipeline_end_to_end(tmp_path):
     from pipelines import prune_eval
 
-    argv = ["data.limit=1", "generation.max_new_tokens=6", "threads=1", "--ratios", "0.25", "--pruners",
+    argv = ["data.limit=1", "generation.max_new_tokens=6", "threads=1", "tracking.enabled=false", "--ratios", "0.25",
+            "--pruners",
             "joint,uniform", "--timing-samples", "1", "--out", str(tmp_path)]  # fmt: skip
     assert prune_eval.main(argv) == 0
     rows = (tmp_path / "prune_eval.csv").read_text().splitlines()

@@ -23,7 +23,7 @@ def test_params_are_flat_strings():
     p = tracking.params(load_config(overrides=["pruning.keep_ratio=0.25", "methods=[covspec, dssd]"]))
     assert p["pruning.keep_ratio"] == "0.25"
     assert json.loads(p["methods"]) == ["covspec", "dssd"]
-    assert p["data.path"] == "null" and p["tracking.enabled"] == "False"
+    assert p["data.path"] == "null" and p["tracking.enabled"] == "True"
 
 
 def test_run_logs_params_metrics_and_artifacts(tmp_path, monkeypatch):
