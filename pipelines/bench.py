@@ -212,7 +212,7 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         row["projected_bytes_per_token"] = (
             sum(proj) / max(s.sum("num_tokens"), 1) if proj and all(p is not None for p in proj) else None
         )
-        if vanilla and name not in ("draft_only", HF_PEER):
+        if vanilla and name not in ("target_only", "draft_only", HF_PEER):  # speculative methods only
             row["reduction_vs_vanilla"] = 1 - row["decoding_bytes_per_token"] / vanilla.decoding_bytes_per_token
             vp = [r.get("projected_bytes_decoding") for r in vanilla.rows]
             if row["projected_bytes_per_token"] is not None and all(p is not None for p in vp):
