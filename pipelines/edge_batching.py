@@ -1,12 +1,20 @@
 """Edge batching benchmark: verified tokens per second of one batched target forward, by batch size.
 
-    python -m pipelines.edge_batching [CONFIG] [key=value ...] [--batches 1,4,8,16] [--k 5] [--repeats 20]
+    python -m pipelines.edge_batching [CONFIG] [key=value ...] [--batches 1,4,8,16] [--k 5] [--repeats 20] \
+        [--run results/<run_id>]
 
 Opens ``max(batches)`` real sessions on an ``Edge`` (the toy target by default; the prompts of the benchmark's
 samples, so their lengths differ), then times ``Edge.process`` on batches of VerifyRequests (k drafted tokens each,
 greedy) and of target_only decode steps, interleaving the batch sizes so machine noise hits them alike. Every
 verify is undone after it is timed (the sessions are re-opened), so each measurement sees the same cache lengths.
 Prints medians: ms per batch, verified (scored) tokens per second, and the ratio to batch 1.
+
+It also times batched prefills and derives **edge capacity at saturation** (the edge always has B requests
+waiting) from these costs: target_only makes 1 token per session per decode step; a speculative method makes tau
+tokens per verification round (its mean accepted length); each request also pays one prefill. With N tokens per
+request, capacity = B N / (t_prefill(B) + N t_decode(B)) for target_only and B N / (t_prefill(B) + (N / tau)
+t_verify(B)) for the speculative method. tau and N come from a ``covspec run`` (``--run results/<run_id>``: its
+summary.json, method covspec) or ``--tau`` / ``--tokens``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,20 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
     n = max(batches)
     samples = load_benchmark(cfg.data, seed=cfg.seed)
     samples = [samples[i % len(samples)] for i in range(n)]
-    times: dict[tuple[str, int], list[float]] = {(kind, b): [] for kind in ("verify", "decode") for b in batches}
+    times: dict[tuple[str, int], list[float]] = {
+        (kind, b): [] for kind in ("verify", "decode", "prefill") for b in batches
+    }
     for _ in range(repeats):
         for b in batches:
+            opens = []
+            for s in samples[:b]:
+                ids = target.prepare(s.image(), s.question).input_ids.tolist()
+                opens.append(Frame(encode(OpenSession(new_session_id(), "covspec", ids, png_bytes(s.image()), "png",
+                                                      0.0, 1.0, 64, 0, 4))))  # fmt: skip
+            t = time.perf_counter()
+            edge.process(opens)
+            times[("prefill", b)].append(time.perf_counter() - t)
+            edge.sessions.clear()
             for kind, width in (("verify", k), ("decode", 1)):
                 sids = [_open(edge, target, s, 64) for s in samples[:b]]
                 # a different draft per session: the rows are real tokens of the vocabulary
@@ -63,15 +82,45 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
                             raise RuntimeError(f"edge refused a benchmark frame: {decode(frame)}")
                 edge.sessions.clear()
     rows = []
-    for kind, width in (("verify", k), ("decode", 1)):
+    for kind, width in (("verify", k), ("decode", 1), ("prefill", 0)):
         base = None
         for b in batches:
             med = statistics.median(times[(kind, b)])
-            tps = b * width / med
+            tps = b * (width or 1) / med  # prefill: sessions per second
             base = base or tps
             rows.append({"kind": kind, "k": width, "batch": b, "ms": med * 1e3, "tokens_per_s": tps,
                          "vs_batch_1": tps / base})  # fmt: skip
     return rows
+
+
+def saturation(rows: list[dict], tau: float, tokens: float) -> list[dict]:
+    """Edge capacity with B requests always waiting, from the measured batched costs (module docstring)."""
+    ms = {(r["kind"], r["batch"]): r["ms"] / 1e3 for r in rows}
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        target = b * tokens / (ms[("prefill", b)] + tokens * ms[("decode", b)])
+        spec = b * tokens / (ms[("prefill", b)] + tokens / tau * ms[("verify", b)])
+        spec_decode = b * tau / ms[("verify", b)]  # prefill excluded
+        target_decode = b / ms[("decode", b)]
+        out.append({"batch": b, "target_only": target, "speculative": spec, "ratio": spec / target,
+                    "ratio_decode_only": spec_decode / target_decode})  # fmt: skip
+    return out
+
+
+def _from_run(path: str) -> tuple[float, float]:
+    import json
+    from pathlib import Path
+
+    from covspec.errors import InputError
+
+    file = Path(path) / "summary.json"
+    if not file.is_file():
+        raise InputError(f"--run {path}: no summary.json there (a covspec run results directory)")
+    rows = {r["method"]: r for r in json.loads(file.read_text(encoding="utf-8"))}
+    if "covspec" not in rows:
+        raise InputError(f"{file}: no covspec row")
+    row = rows["covspec"]
+    return row["mean_accepted_length"], row["tokens"] / row["samples"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--k", type=int, default=5, help="drafted tokens per verification")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--run", default=None, help="a covspec run's results directory: tau and tokens per request")
+    parser.add_argument("--tau", type=float, default=None, help="mean accepted length of the speculative method")
+    parser.add_argument("--tokens", type=float, default=None, help="generated tokens per request")
     add_config_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(args)
@@ -89,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['kind']:8} {r['k']:>3} {r['batch']:>5} {r['ms']:>9.2f} {r['tokens_per_s']:>9.0f} "
               f"{r['vs_batch_1']:>9.2f}x")  # fmt: skip
+    print("(prefill: sessions per second)")
+    tau, tokens = _from_run(args.run) if args.run else (args.tau, args.tokens)
+    if tau and tokens:
+        print(f"\nedge capacity at saturation (tokens per edge second), tau={tau:.2f}, {tokens:.1f} tokens/request:")
+        print(f"{'batch':>5} {'target_only':>12} {'speculative':>12} {'ratio':>7} {'ratio w/o prefill':>18}")
+        for r in saturation(rows, tau, tokens):
+            print(f"{r['batch']:>5} {r['target_only']:>12.0f} {r['speculative']:>12.0f} {r['ratio']:>6.2f}x "
+                  f"{r['ratio_decode_only']:>17.2f}x")  # fmt: skip
     return 0
 
 

@@ -256,3 +256,18 @@ def test_stale_frames_of_an_old_session_are_ignored(toy_pair):
     assert r.session_reopens == 0 and r.token_ids
     assert decode(encode(ErrorReply("", -1, "x", "y"))).session_id == ""
     assert copy.copy(r.token_ids) == r.token_ids
+
+
+def test_edge_batching_pipeline_prints_costs_and_saturation_capacity(capsys):
+    from pipelines import edge_batching
+
+    argv = ["--batches", "1,2", "--repeats", "1", "--tau", "4", "--tokens", "10", "threads=1", "data.limit=2"]
+    assert edge_batching.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "verify" in out and "decode" in out and "prefill" in out and "edge capacity at saturation" in out
+    rows = [{"kind": k, "batch": b, "ms": ms} for k, b, ms in
+            (("verify", 1, 10.0), ("decode", 1, 5.0), ("prefill", 1, 20.0))]  # fmt: skip
+    (cap,) = edge_batching.saturation(rows, tau=4.0, tokens=10.0)
+    assert cap["target_only"] == pytest.approx(10 / (0.020 + 10 * 0.005))
+    assert cap["speculative"] == pytest.approx(10 / (0.020 + 2.5 * 0.010))
+    assert cap["ratio_decode_only"] == pytest.approx((4 / 0.010) / (1 / 0.005))
