@@ -150,3 +150,24 @@ def test_question_whitespace_is_normalized():
 
 def test_input_errors_are_user_errors():
     assert issubclass(InputError, CovspecError)
+
+
+def test_benchmark_prompts_keep_their_lines_and_get_a_model_sized_limit():
+    from types import SimpleNamespace
+
+    from covspec.inputs import MAX_PROMPT_CHARS, question_token_limit
+
+    prompt = "Hint: shapes.\n\n  Question:  which  color?\nA. red\nB. blue  "
+    assert check_question(prompt, keep_lines=True, max_chars=MAX_PROMPT_CHARS) == (
+        "Hint: shapes.\nQuestion: which color?\nA. red\nB. blue"
+    )
+    long = "x" * (MAX_QUESTION_CHARS + 100)
+    assert check_question(long, max_chars=MAX_PROMPT_CHARS) == long
+
+    def adapter(context):
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(
+            max_position_embeddings=context))))  # fmt: skip
+
+    assert question_token_limit(adapter(512)) == 64  # the toy pair
+    assert question_token_limit(adapter(4096)) == 512  # LLaVA-1.5
+    assert question_token_limit(adapter(128_000)) == 4096  # Qwen2.5-VL

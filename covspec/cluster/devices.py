@@ -90,16 +90,19 @@ class DeviceWorker:
         """Answer one sample with ``job.method``: its output and measurements (the run scores them)."""
         from PIL import Image
 
+        from covspec.inputs import MAX_PROMPT_CHARS, check_question, question_token_limit
         from covspec.protocol import Link, projected_decoding_bytes
         from covspec.runtime.engine import link_profile_of, method_config
 
+        question = check_question(job.question, self.draft.tokenizer, question_token_limit(self.draft),
+                                  max_chars=MAX_PROMPT_CHARS, keep_lines=True)  # fmt: skip
         device = self._device(job.method)
         # Each sample's link randomness (jitter, loss) is seeded by the sample, not by the device it lands on.
         self.transport.link = Link(link_profile_of(self.link_cfg), seed=job.link_seed)
         with Image.open(io.BytesIO(job.image_png)) as img:
             image = img.convert("RGB")
         started = time.time()
-        result = device.run(image, job.question)
+        result = device.run(image, question)
         row: dict[str, Any] = {"sample_id": job.sample_id, "method": job.method, "token_ids": result.token_ids,
                                "text": result.text, **result.metrics()}  # fmt: skip
         if result.round_log:

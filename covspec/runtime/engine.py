@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from covspec.config import ABLATIONS, METHODS, Config, LinkConfig
-from covspec.inputs import check_question
+from covspec.inputs import MAX_PROMPT_CHARS, check_question, question_token_limit
 from covspec.models.base import VLMAdapter
 from covspec.models.loading import load_adapter
 from covspec.protocol import Link, LinkProfile
@@ -131,7 +131,8 @@ class LocalEngine:
         keep: torch.Tensor | None = None,
     ) -> RequestResult:
         """One request with ``method`` over a link of ``profile`` (``cfg.link`` by default)."""
-        question = check_question(question, self.draft.tokenizer)
+        question = check_question(question, self.draft.tokenizer, question_token_limit(self.draft),
+                                  max_chars=MAX_PROMPT_CHARS, keep_lines=True)  # fmt: skip
         settings = device_settings(self.cfg, method)
         pruner = self.pruner_for(method)
         if method == "draft_only":
