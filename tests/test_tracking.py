@@ -12,7 +12,7 @@ from covspec.config import load_config
 
 def test_disabled_tracking_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config()
+    cfg = load_config(overrides=["tracking.enabled=false"])
     with tracking.start_run(cfg, "off") as run:
         assert run is None
         tracking.log_metrics({"x": 1.0})  # no active run: a no-op
