@@ -26,8 +26,9 @@ from covspec.runtime.transport import InProcessTransport
 
 SPEC = TinySpec(image_size=16, patch_size=8, vision_hidden=16, hidden=32, layers=1, heads=2, kv_heads=2, init_scale=0.5)
 TEMPERATURE = 1.0
-DRAWS = 20_000
-BRANCHING_DRAWS = 6_000  # the pipelined loop costs ~2x per request; keeps the suite under 15 min
+DRAWS = 12_000  # with Ray and Tune tests in the suite, this keeps it under 15 min
+BRANCHING_DRAWS = 6_000  # the pipelined loop costs ~2x per request
+TV_AT_20K = 0.02  # allowed total variation at 20,000 draws; it scales like 1/sqrt(n)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +128,8 @@ def test_covspec_first_token_follows_target_distribution(setup, variant):
         pvalue, tv = fit(pair_counts(tokens, len(p)), pair_probs(setup).ravel())
         assert pvalue > 1e-3, (pvalue, tv)
     pvalue, tv = fit(counts, p)
-    # TV of an empirical distribution shrinks like 1/sqrt(n): 0.02 at 20,000 draws is 0.037 at 6,000
-    assert pvalue > 1e-3 and tv < 0.02 * (DRAWS / counts.sum()) ** 0.5, (pvalue, tv)
+    # TV of an empirical distribution shrinks like 1/sqrt(n): 0.02 at 20,000 draws is 0.026 at 12,000, 0.037 at 6,000
+    assert pvalue > 1e-3 and tv < TV_AT_20K * (20_000 / counts.sum()) ** 0.5, (pvalue, tv)
 
 
 @pytest.mark.slow

@@ -273,8 +273,12 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
     table = Table(title=f"covspec run {run_id}: {cfg.data.benchmark}/{cfg.data.split}, {cfg.data.limit} samples x "
                   f"{len(cfg.methods)} methods on {c.num_devices} devices, edge {c.edge_replicas} replica(s); "
                   f"link rtt {cfg.link.rtt_ms:g} ms; T={cfg.generation.temperature:g}")  # fmt: skip
+    longest = max((len(row["method"]) for row in summary), default=6)
     for title, _, _ in COLUMNS:
-        table.add_column(title, justify="left" if title == "method" else "right")
+        if title == "method":
+            table.add_column(title, no_wrap=True, min_width=longest)
+        else:
+            table.add_column(title, justify="right")
     for row in summary:
         table.add_row(*["-" if row.get(k) is None else format(row[k], spec) for _, k, spec in COLUMNS])
     console = Console(file=io.StringIO(), width=width, record=True)
