@@ -38,21 +38,21 @@ def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_p
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
-    cmd = [sys.executable, "-m", "covspec.cli", "run", "data.limit=2", *SMALL, "tracking.enabled=true",
+    cmd = [sys.executable, "-m", "covspec.cli", "run", "data.limit=1", *SMALL, "tracking.enabled=true",
            f"tracking.uri={uri}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Token authentication is enabled" in proc.stderr
-    cfg = load_config(None, ["data.limit=2"])
+    cfg = load_config(None, ["data.limit=1"])
     for method in cfg.methods:
         assert method in proc.stdout
     runs = list((tmp_path / "results").iterdir())
     assert len(runs) == 1
     rows = [json.loads(line) for line in (runs[0] / "samples.jsonl").read_text().splitlines()]
     assert Counter((r["method"], r["sample_id"]) for r in rows) == {(m, s.sample_id): 1 for m in cfg.methods
-                                                                    for s in load_split("test", 2)}  # fmt: skip
+                                                                    for s in load_split("test", 1)}  # fmt: skip
     target, _ = toy_pair
-    reference = _reference(target, load_split("test", 2), 24)
+    reference = _reference(target, load_split("test", 1), 24)
     for r in rows:
         assert r["token_ids"] == reference[r["sample_id"]], r["method"]
         assert r["num_tokens"] > 0 and r["bytes_upload"] > 0
@@ -98,7 +98,7 @@ def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, to
 
     from covspec.cluster.experiment import run_method
 
-    samples = _describe_samples(4)
+    samples = _describe_samples(3)
     rows: list[dict] = []
 
     def sink(row):
@@ -120,7 +120,7 @@ def test_an_edge_replica_killed_mid_run_is_replaced_and_outputs_do_not_change(cl
     from covspec.cluster.edge_app import DEPLOYMENT_NAME
     from covspec.cluster.experiment import run_method
 
-    samples = _describe_samples(4)
+    samples = _describe_samples(3)
     rows: list[dict] = []
     replicas = cluster.edge_stats()["replicas"]
 

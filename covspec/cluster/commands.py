@@ -38,11 +38,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
             return lambda: progress.advance(task)
 
         try:
-            result = run_experiment(cfg, resume=args.resume, log=lambda m: err.print(m), progress_factory=factory)
+            result = run_experiment(cfg, resume=args.resume, log=lambda m: err.print(m), progress_factory=factory,
+                                    on_table=lambda table: print(table, flush=True))  # fmt: skip
         except RunError as exc:
             print(f"covspec: run failed: {exc} (partial results are kept; --resume continues)", file=sys.stderr)
             return 1
-    print(result["table"])
     print(f"run {result['run_id']}: results, table and plots in {result['dir']}"
           + (f"; MLflow run {result['run_id']} at {_uri(cfg)}" if cfg.tracking.enabled else ""))  # fmt: skip
     return 0

@@ -341,17 +341,36 @@ def _accepted(row: dict[str, Any]) -> list[int]:
     return list(row.get("accepted_per_round") or [])
 
 
+def _write_report(out: Path, jsonl: Path, summary: list[dict[str, Any]], table: str, rows: list[dict]) -> None:
+    """Table, summary and plots into ``out`` and the active MLflow run (with the results JSONL)."""
+    from covspec import tracking
+
+    if table:
+        (out / "table.txt").write_text(table, encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        for row in summary:
+            tracking.log_metrics({k: v for k, v in row.items() if k != "method"}, prefix=f"{row['method']}.")
+        for path in _plots(summary, rows, out):
+            tracking.log_artifact(path, "plots")
+        tracking.log_artifact(out / "table.txt")
+        tracking.log_artifact(out / "summary.json")
+    if jsonl.exists():
+        tracking.log_artifact(jsonl)
+
+
 def run_experiment(
     cfg: Config,
     resume: str | None = None,
     log: Callable[[str], None] = print,
     progress_factory=None,
     cluster: Cluster | None = None,
+    on_table: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the experiment of ``cfg``; returns {"run_id", "summary", "table", "dir", "phases"}.
 
     ``cluster``: an existing ``Cluster`` (built from a config with the same models and cluster section) to reuse;
-    by default one is started for the run and torn down after it.
+    by default one is started for the run and torn down after it, once the report is written and the MLflow
+    run ended. ``on_table`` receives the table as soon as it exists (before the teardown).
     """
     from covspec import tracking
     from covspec.cluster.devices import Job
@@ -372,19 +391,20 @@ def run_experiment(
         rows = [r for r in kept if r.get("method") in cfg.methods]
         done = {(r["method"], r["sample_id"]) for r in rows}
     tags = {"covspec.command": "run"}
-    with tracking.start_run(cfg, "covspec-run", tags, run_id=resume if cfg.tracking.enabled else None) as active:
-        if run_id is None:
-            run_id = active.info.run_id if active is not None else f"local-{secrets.token_hex(6)}"
-        out = results_dir(run_id)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-        jsonl = out / "samples.jsonl"
-        log(f"run {run_id}: results in {jsonl}")
-        phases: dict[str, MethodPhase] = {}
-        try:
-            own = cluster is None
-            cluster = Cluster(cfg, log) if own else cluster
+    own = cluster is None
+    try:
+        with tracking.start_run(cfg, "covspec-run", tags, run_id=resume if cfg.tracking.enabled else None) as active:
+            if run_id is None:
+                run_id = active.info.run_id if active is not None else f"local-{secrets.token_hex(6)}"
+            out = results_dir(run_id)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+            jsonl = out / "samples.jsonl"
+            log(f"run {run_id}: results in {jsonl}")
+            phases: dict[str, MethodPhase] = {}
             try:
+                if own:
+                    cluster = Cluster(cfg, log)
                 with jsonl.open("a", encoding="utf-8") as sink_file:
 
                     def sink(row: dict[str, Any]) -> None:
@@ -414,23 +434,15 @@ def run_experiment(
                         advance = progress_factory(method, len(jobs)) if progress_factory else None
                         phases[method] = run_method(cluster, method, jobs, sink, advance)
                         tracking.log_metrics({"wall_s": phases[method].wall_s}, prefix=f"{method}.")
-            finally:
-                if own:
-                    cluster.close()
-        finally:
-            summary = summarize_run(cfg, rows, phases) if rows else []
-            table = format_table(cfg, summary, run_id) if summary else ""
-            if table:
-                (out / "table.txt").write_text(table, encoding="utf-8")
-                (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-                for row in summary:
-                    tracking.log_metrics({k: v for k, v in row.items() if k != "method"}, prefix=f"{row['method']}.")
-                for path in _plots(summary, rows, out):
-                    tracking.log_artifact(path, "plots")
-                tracking.log_artifact(out / "table.txt")
-                tracking.log_artifact(out / "summary.json")
-            if jsonl.exists():
-                tracking.log_artifact(jsonl)
+            finally:  # the report is written (and the MLflow run ended) before Ray is shut down
+                summary = summarize_run(cfg, rows, phases) if rows else []
+                table = format_table(cfg, summary, run_id) if summary else ""
+                _write_report(out, jsonl, summary, table, rows)
+                if table and on_table is not None:
+                    on_table(table)
+    finally:
+        if own and cluster is not None:
+            cluster.close()
     return {"run_id": run_id, "summary": summary, "table": table, "dir": out, "phases": phases}
 
 
