@@ -53,3 +53,69 @@ def graft(state: DecodeState, suffix: KVSuffix, length: int | None = None) -> No
     for idx, (keys, values) in enumerate(zip(suffix.keys, suffix.values, strict=True)):
         state.cache.update(keys[..., :n, :], values[..., :n, :], idx)
     state.seq_len += n
+
+
+def rollback(state: DecodeState, seq_len: int) -> None:
+    """Drop every logical position at or after ``seq_len`` (crop the cache); the adapters' ``rollback``."""
+    if seq_len > state.seq_len:
+        raise ValueError(f"cannot roll forward: state has {state.seq_len} positions, asked {seq_len}")
+    drop = state.seq_len - seq_len
+    if drop:
+        state.cache.crop(-drop)  # transformers 5.x: a negative count of entries to remove
+        state.seq_len = seq_len
+
+
+@dataclass
+class PaddedBatch:
+    """Several sessions' next blocks as one batched forward's inputs (see :func:`pad_batch`)."""
+
+    ids: torch.Tensor  # [B, k_max] blocks, right-padded
+    mask: torch.Tensor  # [B, width + k_max] 2-D attention mask: 0 on the left pad of caches and the right pad of blocks
+    positions: torch.Tensor  # [B, k_max] each row's next positions (from ``next_positions``)
+    cache: object  # DynamicCache with every session's keys/values left-padded to ``width``
+    past: list[int]  # cache entries per session
+    lengths: list[int]  # k_i
+    width: int
+
+
+def pad_batch(states: list[DecodeState], token_ids: list[torch.Tensor], config, device, next_positions) -> PaddedBatch:
+    """Inputs of one forward scoring ``token_ids[i]`` after ``states[i]`` for sessions of different lengths.
+
+    ``next_positions(state, k)`` gives the [k] position ids following ``state`` (1-D positions, or one M-RoPE row).
+    """
+    from transformers import DynamicCache
+
+    if len(states) != len(token_ids):
+        raise ValueError(f"{len(states)} states but {len(token_ids)} token blocks")
+    lengths = [int(t.shape[0]) for t in token_ids]
+    if min(lengths, default=1) < 1:
+        raise ValueError("every session needs at least one token to score")
+    past = [s.cache_len for s in states]
+    width, k_max, batch = max(past), max(lengths), len(states)
+    mask = torch.zeros(batch, width + k_max, dtype=torch.long, device=device)
+    ids = torch.zeros(batch, k_max, dtype=torch.long, device=device)
+    positions = torch.zeros(batch, k_max, dtype=torch.long, device=device)
+    for i, (state, toks) in enumerate(zip(states, token_ids, strict=True)):
+        mask[i, width - past[i] : width] = 1
+        mask[i, width : width + lengths[i]] = 1
+        ids[i, : lengths[i]] = toks.to(device)
+        positions[i] = next_positions(state, k_max)
+    cache = DynamicCache(config=config)
+    for layer_idx in range(len(states[0].cache.layers)):
+        keys, values = [], []
+        for state, n in zip(states, past, strict=True):
+            layer = state.cache.layers[layer_idx]
+            keys.append(torch.nn.functional.pad(layer.keys, (0, 0, width - n, 0)))
+            values.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
+        cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+    return PaddedBatch(ids, mask, positions, cache, past, lengths, width)
+
+
+def unpad_batch(batch: PaddedBatch, states: list[DecodeState]) -> None:
+    """After the forward: each state holds its own rows of the batched cache (views, no copy), extended by k_i."""
+    for i, state in enumerate(states):
+        start, stop = batch.width - batch.past[i], batch.width + batch.lengths[i]
+        for own, merged in zip(state.cache.layers, batch.cache.layers, strict=True):
+            own.keys = merged.keys[i : i + 1, :, start:stop]
+            own.values = merged.values[i : i + 1, :, start:stop]
+        state.seq_len += batch.lengths[i]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from covspec.models import kvcache
 from covspec.models.base import DecodeState, PromptInputs
 from covspec.models.llava import LlavaAdapter
 
@@ -204,52 +205,19 @@ class Qwen2VLAdapter:
     def forward_batch(self, states: list[MRopeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """Score ``token_ids[i]`` ([k_i]) after ``states[i]`` for every session in one batched forward.
 
-        Same scheme as ``LlavaAdapter.forward_batch`` (caches left-padded to the longest, blocks right-padded, a 2-D
-        attention mask zeroing both pads), with each row's M-RoPE positions ``seq_len + rope_delta + arange(k)``.
+        Same scheme as ``LlavaAdapter.forward_batch`` (``covspec.models.kvcache.pad_batch``), with each row's M-RoPE
+        positions ``seq_len + rope_delta + arange(k)``.
 
         Returns:
             Per session, logits [k_i, V] (equal to ``forward`` up to float rounding).
         """
-        if len(states) != len(token_ids):
-            raise ValueError(f"{len(states)} states but {len(token_ids)} token blocks")
-        if len(states) == 1:
+        if len(states) == 1 and len(token_ids) == 1:
             return [self.forward(states[0], token_ids[0])]
-        lengths = [int(t.shape[0]) for t in token_ids]
-        if min(lengths, default=1) < 1:
-            raise ValueError("every session needs at least one token to score")
-        past = [s.cache_len for s in states]
-        width, k_max, batch = max(past), max(lengths), len(states)
-        mask = torch.zeros(batch, width + k_max, dtype=torch.long, device=self.device)
-        ids = torch.zeros(batch, k_max, dtype=torch.long, device=self.device)
-        positions = torch.zeros(batch, k_max, dtype=torch.long, device=self.device)
-        for i, (state, toks) in enumerate(zip(states, token_ids, strict=True)):
-            mask[i, width - past[i] : width] = 1
-            mask[i, width : width + lengths[i]] = 1
-            ids[i, : lengths[i]] = toks.to(self.device)
-            positions[i] = self._positions(state, k_max)
-        cache = DynamicCache(config=self.model.config)
-        for layer_idx in range(len(states[0].cache.layers)):
-            keys, values = [], []
-            for state, n in zip(states, past, strict=True):
-                layer = state.cache.layers[layer_idx]
-                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, width - n, 0)))
-                values.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
-            cache.update(torch.cat(keys), torch.cat(values), layer_idx)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions.expand(3, -1, -1), cache=cache, use_cache=True
-        )
-        for i, state in enumerate(states):
-            start, stop = width - past[i], width + lengths[i]
-            for own, merged in zip(state.cache.layers, cache.layers, strict=True):
-                own.keys = merged.keys[i : i + 1, :, start:stop]
-                own.values = merged.values[i : i + 1, :, start:stop]
-            state.seq_len += lengths[i]
-        return [out.logits[i, : lengths[i], : self.vocab_size] for i in range(batch)]
+        b = kvcache.pad_batch(states, token_ids, self.model.config, self.device, self._positions)
+        out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions.expand(3, -1, -1),
+                         cache=b.cache, use_cache=True)  # fmt: skip
+        kvcache.unpad_batch(b, states)
+        return [out.logits[i, :n, : self.vocab_size] for i, n in enumerate(b.lengths)]
 
     def rollback(self, state: DecodeState, seq_len: int) -> None:
-        if seq_len > state.seq_len:
-            raise ValueError(f"cannot roll forward: state has {state.seq_len} positions, asked {seq_len}")
-        drop = state.seq_len - seq_len
-        if drop:
-            state.cache.crop(-drop)  # transformers 5.x: a negative count of entries to remove
-            state.seq_len = seq_len
+        kvcache.rollback(state, seq_len)
