@@ -109,7 +109,8 @@ def hf_assisted(engine: LocalEngine, sample, max_new_tokens: int) -> dict[str, A
     finally:
         hook.remove()
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    tokens = new[: new.index(target.eos_token_id)] if target.eos_token_id in new else new
+    ends = [i for i, t in enumerate(new) if t in target.eos_token_ids]
+    tokens = new[: ends[0]] if ends else new
     text = target.decode(tokens)
     rounds = max(calls - 1, 1)  # the first call is the prefill
     return {

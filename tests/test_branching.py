@@ -94,6 +94,7 @@ class FakeDraft:
 
     vocab_size = V
     eos_token_id = EOS
+    eos_token_ids = frozenset([EOS])
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule

@@ -97,6 +97,24 @@ def test_engine_covspec_greedy_equals_target_only(adapters, family):
         assert sum(r["branch_hits"] for r in branched) > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_every_listed_eos_id_ends_generation(prompts, family):
+    """Qwen2 chat checkpoints list two EOS ids; make a token the model emits mid-answer the second: the adapter, the
+    engine (target drafting for itself, so blocks run through the EOS) and ``model.generate`` all stop there."""
+    model = TINY_FAMILIES[family](1)
+    image, question = prompts[0]
+    full = C.check_greedy(model, model.prepare(image, question), max_new_tokens=8)
+    stop = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    model.model.generation_config.eos_token_id = [model.eos_token_id, full[stop]]
+    adapter = type(model)(model.model, model.processor)
+    assert adapter.eos_token_ids == {model.eos_token_id, full[stop]}
+    assert C.check_greedy(adapter, adapter.prepare(image, question), max_new_tokens=8) == full[:stop]
+    sample = load_split("test", 1, offset=1)[0]
+    assert sample.image().tobytes() == image.tobytes()
+    rows = C.check_engine_greedy(adapter, adapter, [sample], max_new_tokens=8)
+    assert rows[0]["tokens"] == full[:stop]
+
+
 # -- Qwen2-VL: M-RoPE positions ---------------------------------------------------------------------------------
 
 

@@ -98,6 +98,8 @@ def test_control_message_formulas():
     assert len(encode(MoreCandidates(session_id=SID, seq=300))) == expected_bytes("MoreCandidates", 300)
     msg = SessionOpened(session_id=SID, vocab_size=QWEN_VOCAB)
     assert len(encode(msg)) == expected_bytes("SessionOpened", QWEN_VOCAB)
+    msg = SessionOpened(session_id=SID, vocab_size=QWEN_VOCAB, eos_ids=[151643, 151645])
+    assert len(encode(msg)) == expected_bytes("SessionOpened", QWEN_VOCAB, [151643, 151645])
     chunk = TokenChunk(session_id=SID, seq=20, token_ids=[QWEN_VOCAB - 1] * 17, finished=True)
     assert len(encode(chunk)) == expected_bytes("TokenChunk", 17, QWEN_VOCAB, seq=20)
     prompt = [1, 200, 70_000] * 30

@@ -246,6 +246,9 @@ def test_valid_messages_pass_the_session_checks():
     vanilla_reply = response(candidate_ids=[], candidate_probs=b"", target_dists=dists(4))
     assert validate_against(vanilla_reply, V, mode="vanilla_sd", num_drafted=3) is None
     assert validate_against(SessionOpened(session_id=SID, vocab_size=V), V) is None
+    assert validate_against(SessionOpened(session_id=SID, vocab_size=V, eos_ids=[2, 7]), V) is None
+    bad = validate_against(SessionOpened(session_id=SID, vocab_size=V, eos_ids=[2, V]), V)
+    assert bad is not None and bad.code == ErrorCode.OUT_OF_VOCAB and "eos_ids" in bad.message
 
 
 def test_token_outside_vocabulary():

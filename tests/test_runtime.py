@@ -10,6 +10,7 @@ import torch
 
 from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
+from covspec.models.llava import LlavaAdapter
 from covspec.models.tiny import TINY_SPECS, TinySpec, tiny_llava
 from covspec.protocol import (
     PROTOCOL_VERSION,
@@ -28,7 +29,7 @@ from covspec.protocol import (
     probs_to_bytes,
     projected_decoding_bytes,
 )
-from covspec.runtime.device import SPECULATIVE_METHODS, Device, DeviceSettings, png_bytes
+from covspec.runtime.device import SPECULATIVE_METHODS, Device, DeviceSettings, EdgeError, png_bytes
 from covspec.runtime.edge import Edge
 from covspec.runtime.engine import colocated_profile
 from covspec.runtime.transport import InProcessTransport
@@ -53,7 +54,8 @@ def hf_reference(target, sample, max_new_tokens):
     out = target.model.generate(input_ids=inputs.input_ids[None], pixel_values=inputs.pixel_values,
                                 max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    return new[: new.index(target.eos_token_id)] if target.eos_token_id in new else new
+    ends = [i for i, t in enumerate(new) if t in target.eos_token_ids]
+    return new[: ends[0]] if ends else new
 
 
 PAIRS = {
@@ -77,6 +79,48 @@ def test_greedy_equals_target_generate_for_every_method(pair):
             if method != "target_only" and pair == "self-draft":
                 assert r.num_accepted == r.num_drafted  # every draft accepted
     assert not edge.sessions, "sessions must be closed"
+
+
+def with_eos(adapter: LlavaAdapter, eos_ids: list[int]) -> LlavaAdapter:
+    """The same model with ``generation_config.eos_token_id = eos_ids``, adapted afresh (as a checkpoint would be)."""
+    adapter.model.generation_config.eos_token_id = list(eos_ids)
+    return LlavaAdapter(adapter.model, adapter.processor)
+
+
+PIPELINED = dict(policy="adaptive", gamma=3, gamma_max=6, threshold=0.5, branch_budget=3)
+
+
+@pytest.mark.parametrize("draft_seed", [1, 7], ids=["self-draft", "other-draft"])
+def test_a_second_eos_id_ends_the_answer_for_every_method(draft_seed):
+    """Chat checkpoints list several EOS ids (Qwen2-VL: <|im_end|>, <|endoftext|>); ``generate`` stops at any.
+    Make a token the target emits mid-answer a second EOS: every method, fixed and pipelined, must stop there too."""
+    target = tiny_llava(TINY_SPECS[0], 1)
+    sample = load_split("test", 1, offset=3)[0]
+    full = reference(target, sample, 24)
+    assert len(full) >= 4
+    stop = next(i for i in range(2, len(full)) if full[i] not in full[:i])
+    eos = [target.eos_token_id, full[stop]]
+    target = with_eos(target, eos)
+    draft = with_eos(tiny_llava(TINY_SPECS[0] if draft_seed == 1 else TINY_SPECS[1], draft_seed), eos)
+    assert target.eos_token_ids == frozenset(eos) and target.eos_token_id == eos[0]
+    assert hf_reference(target, sample, 24) == full[:stop]  # transformers stops at the second id
+    assert reference(target, sample, 24) == full[:stop]
+    edge = Edge(target)
+    for method in METHODS:
+        for settings in ({"gamma": 4}, PIPELINED) if method != "target_only" else ({},):
+            r = run(edge, draft, method, sample, max_new_tokens=24, **settings)
+            assert r.token_ids == full[:stop], (method, settings)
+    assert not edge.sessions
+
+
+def test_draft_and_target_with_different_eos_ids_are_refused_clearly():
+    target = tiny_llava(TINY_SPECS[0], 1)
+    target = with_eos(target, [target.eos_token_id, 5])
+    draft = tiny_llava(TINY_SPECS[0], 1)
+    with pytest.raises(EdgeError, match=r"EOS ids \[.*5\].*draft and target must share them"):
+        run(Edge(target), draft, "covspec", load_split("test", 1)[0], max_new_tokens=8)
+    # target_only does not draft: the edge alone decides where the answer ends
+    assert run(Edge(target), draft, "target_only", load_split("test", 1)[0], max_new_tokens=8).token_ids is not None
 
 
 def test_toy_pair_greedy_equal_and_accepts(toy_pair):

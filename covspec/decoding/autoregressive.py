@@ -49,7 +49,7 @@ def generate(
         token = next_token(logits, temperature, top_p, generator)
         if i == 0:
             ttft = time.perf_counter() - start
-        if token == adapter.eos_token_id:
+        if token in adapter.eos_token_ids:
             finished = True
             break
         tokens.append(token)

@@ -67,15 +67,15 @@ def reach_probabilities(block: list[DraftToken]) -> list[float]:
     return out
 
 
-def plan_alternatives(block: list[DraftToken], count: int, eos_token_id: int, max_root: int | None = None) -> list[
-    Branch
-]:  # fmt: skip
+def plan_alternatives(
+    block: list[DraftToken], count: int, eos_token_ids: int | frozenset[int], max_root: int | None = None
+) -> list[Branch]:
     """The ``count`` alternative branches to draft for ``block``, most promising first.
 
     Args:
         block: the drafted tokens in flight.
         count: how many (the branch budget minus the main branch).
-        eos_token_id: bets on EOS are skipped.
+        eos_token_ids: the EOS id(s); bets on EOS are skipped.
         max_root: only positions j < max_root (a branch at j is useless once j + 1 tokens end the answer).
 
     Returns:
@@ -83,12 +83,13 @@ def plan_alternatives(block: list[DraftToken], count: int, eos_token_id: int, ma
     """
     if count <= 0:
         return []
+    eos = frozenset([eos_token_ids]) if isinstance(eos_token_ids, int) else eos_token_ids
     reach = reach_probabilities(block)
     limit = len(block) if max_root is None else min(len(block), max_root)
     ranked = [
         Branch(root=j, token=tok.second, score=reach[j] * tok.second_p)
         for j, tok in enumerate(block[:limit])
-        if tok.second != eos_token_id
+        if tok.second not in eos
     ]
     ranked.sort(key=lambda b: (-b.score, b.root))  # stable, ties to the earlier position
     return ranked[:count]

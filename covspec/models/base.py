@@ -50,12 +50,32 @@ class DecodeState:
         return self.seq_len - self.pruned
 
 
+def _eos_list(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
+    ids = configured if configured is not None else tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if not ids:
+        raise ValueError("the model has no end-of-sequence id (generation_config.eos_token_id and the tokenizer's)")
+    return [int(i) for i in ids]
+
+
+def eos_ids(configured: int | list[int] | None, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends generation: ``generation_config.eos_token_id`` (an id or a list, as chat models such as
+    Qwen2-VL ship ``[<|im_end|>, <|endoftext|>]``), else the tokenizer's. ``generate`` stops at any of them."""
+    return frozenset(_eos_list(configured, tokenizer))
+
+
+def primary_eos(configured: int | list[int] | None, tokenizer: Any) -> int:
+    """The first of :func:`eos_ids` in configured order."""
+    return _eos_list(configured, tokenizer)[0]
+
+
 @runtime_checkable
 class VLMAdapter(Protocol):
     """What covspec needs from a vision-language model."""
 
     vocab_size: int
-    eos_token_id: int
+    eos_token_id: int  # the first end-of-sequence id (what a finished stream is padded with)
+    eos_token_ids: frozenset[int]  # every id that ends generation (``generation_config.eos_token_id`` may list several)
 
     def prepare(self, image: Image.Image, question: str) -> PromptInputs:
         """Build the prompt (chat template) and pixel inputs for one image and question."""

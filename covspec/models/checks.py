@@ -55,7 +55,8 @@ def hf_greedy(adapter: VLMAdapter, inputs: PromptInputs, max_new_tokens: int) ->
     """``model.generate(do_sample=False)``'s new tokens, cut before the first EOS."""
     out = adapter.model.generate(**model_inputs(adapter, inputs), max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    return new[: new.index(adapter.eos_token_id)] if adapter.eos_token_id in new else new
+    ends = [i for i, t in enumerate(new) if t in adapter.eos_token_ids]
+    return new[: ends[0]] if ends else new
 
 
 def check_greedy(adapter: VLMAdapter, inputs: PromptInputs, max_new_tokens: int = 8) -> list[int]:

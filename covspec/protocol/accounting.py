@@ -185,8 +185,11 @@ def open_session_bytes(
     )
 
 
-def session_opened_bytes(vocab_size: int, session_id_len: int = SESSION_ID_LEN) -> int:
-    return _frame(2) + str_bytes(session_id_len) + int_bytes(vocab_size)
+def session_opened_bytes(vocab_size: int, eos_ids: Iterable[int] = (), session_id_len: int = SESSION_ID_LEN) -> int:
+    eos_ids = list(eos_ids)
+    if not eos_ids:  # a trailing default is omitted
+        return _frame(2) + str_bytes(session_id_len) + int_bytes(vocab_size)
+    return _frame(3) + str_bytes(session_id_len) + int_bytes(vocab_size) + ids_bytes(eos_ids)
 
 
 def verify_request_bytes(

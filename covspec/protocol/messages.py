@@ -44,7 +44,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 WIRE_MODES = ("target_only", "vanilla_sd", "dssd", "covspec")
 """How a method talks to the edge; covspec's ablations use the ``covspec`` mode."""
@@ -175,6 +175,7 @@ class Close(_Message, tag=4):
 class SessionOpened(_Message, tag=5):
     session_id: SessionId
     vocab_size: Annotated[int, msgspec.Meta(ge=2, lt=2**31)]
+    eos_ids: list[TokenId] = []  # every id that ends the target's generation: the device's draft must stop at the same
 
 
 class VerifyResponse(_Message, tag=6):

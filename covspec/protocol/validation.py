@@ -86,6 +86,8 @@ def check_against(
     elif isinstance(msg, SessionOpened):
         if msg.vocab_size != vocab_size:
             raise ProtocolError(ErrorCode.VOCAB_MISMATCH, f"edge vocab_size {msg.vocab_size}, device {vocab_size}")
+        if any(t >= vocab_size for t in msg.eos_ids):
+            raise ProtocolError(ErrorCode.OUT_OF_VOCAB, "eos_ids holds an id outside the vocabulary")
     elif isinstance(msg, VerifyResponse):
         _check_verify_response(msg, vocab_size, mode, sampling, num_drafted)
     elif isinstance(msg, TokenChunk):

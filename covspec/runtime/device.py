@@ -253,6 +253,10 @@ class Device:
         if not isinstance(msg, SessionOpened):
             raise EdgeError(f"expected {kind.__name__}, got {type(msg).__name__}")
         check_against(msg, self.draft.vocab_size if self.draft else msg.vocab_size)
+        draft_eos = self.draft.eos_token_ids if self.draft is not None else frozenset()
+        if msg.eos_ids and self.settings.method in SPECULATIVE_METHODS and set(msg.eos_ids) != draft_eos:
+            raise EdgeError(f"the target ends generation at EOS ids {sorted(msg.eos_ids)}, the draft at "
+                            f"{sorted(draft_eos)}: draft and target must share them")  # fmt: skip
         return None
 
     def _reopen(self, kind: type) -> bool:
@@ -434,7 +438,7 @@ class Device:
         Returns the committed bonus/correction (None when the round ended on EOS) and whether the request is done.
         """
         s = self.settings
-        eos = self.draft.eos_token_id
+        eos = self.draft.eos_token_ids
         check_against(reply, self.draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
                       num_drafted=len(ids), expected_seq=seq)  # fmt: skip
         n = reply.num_accepted
@@ -447,9 +451,9 @@ class Device:
         result.num_drafted += len(ids)
         result.num_accepted += n
         result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
-        hit_eos = n > 0 and ids[n - 1] == eos
+        hit_eos = n > 0 and ids[n - 1] in eos
         committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
-        done = hit_eos or token is None or token == eos
+        done = hit_eos or token is None or token in eos
         if not done:
             committed.append(token)
         result.token_ids = committed
@@ -479,7 +483,7 @@ class Device:
             x = int(torch.argmax(logits)) if s.temperature == 0 else int(sample(q, gen))
             ids.append(x)
             rows.append(q)
-            if x == self.draft.eos_token_id or i == k - 1:
+            if x in self.draft.eos_token_ids or i == k - 1:
                 break
             logits = self.draft.forward(state, torch.tensor([x]))[-1]
         return ids, torch.stack(rows), logits
@@ -491,7 +495,7 @@ class Device:
         """The token committed after the accepted drafts, or None when the round ended on EOS."""
         s = self.settings
         n = reply.num_accepted
-        if n > 0 and ids[n - 1] == self.draft.eos_token_id:
+        if n > 0 and ids[n - 1] in self.draft.eos_token_ids:
             return None
         if reply.token >= 0:
             return reply.token

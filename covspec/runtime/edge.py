@@ -321,12 +321,12 @@ class Edge:
     def _open_check(self, msg: OpenSession, peer: str, out: list[Message]) -> _Open:
         """Every check of an OpenSession and its model inputs (prompt + ``committed`` for a reopened session)."""
         check_against(msg, self.vocab_size, open_sessions=self.seen_ids)
-        eos = self.target.eos_token_id
-        if msg.prompt_ids[-1] == eos:
+        eos = self.target.eos_token_ids
+        if msg.prompt_ids[-1] in eos:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids ends with EOS")
         if any(t >= self.vocab_size for t in msg.committed):
             raise ProtocolError(ErrorCode.OUT_OF_VOCAB, "committed holds an id outside the vocabulary")
-        if eos in msg.committed:
+        if any(t in eos for t in msg.committed):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "committed holds EOS (a finished answer is not reopened)")
         if len(msg.committed) >= msg.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"committed holds {len(msg.committed)} tokens, "
@@ -387,7 +387,7 @@ class Edge:
                 committed=list(msg.committed),
                 seq=msg.seq,
             )
-            o.out.append(SessionOpened(msg.session_id, self.vocab_size))
+            o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
         self.stats.prefill_s += time.perf_counter() - t
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
@@ -408,9 +408,9 @@ class Edge:
             return None
         s.last_used = time.monotonic()
         token = self._pick(s, s.last_logits)
-        eos = self.target.eos_token_id
-        last = token == eos or len(s.committed) + 1 >= s.max_new_tokens
-        out.append(TokenChunk(s.session_id, s.seq, [] if token == eos else [token], last))
+        ended = token in self.target.eos_token_ids
+        last = ended or len(s.committed) + 1 >= s.max_new_tokens
+        out.append(TokenChunk(s.session_id, s.seq, [] if ended else [token], last))
         s.seq += 1
         self.stats.decode_steps += 1
         if last:
@@ -455,7 +455,7 @@ class Edge:
         self._check_last_token(s, msg)
         if committed + len(msg.draft_ids) > s.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {len(msg.draft_ids)} exceeds max_new_tokens")
-        if self.target.eos_token_id in msg.draft_ids[:-1]:
+        if any(t in self.target.eos_token_ids for t in msg.draft_ids[:-1]):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))

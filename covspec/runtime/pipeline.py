@@ -62,9 +62,9 @@ class _Round:
     live_alt: Branch | None = None  # the alternative whose tokens are in the cache now
 
 
-def _fed(drafts: list[DraftToken], eos: int) -> int:
+def _fed(drafts: list[DraftToken], eos: frozenset[int]) -> int:
     """Drafts of a branch that are in the cache: all but a final EOS."""
-    return len(drafts) - (1 if drafts and drafts[-1].id == eos else 0)
+    return len(drafts) - (1 if drafts and drafts[-1].id in eos else 0)
 
 
 class PipelinedLoop:
@@ -74,7 +74,7 @@ class PipelinedLoop:
         self.device = device
         self.draft = device.draft
         self.s = device.settings
-        self.eos = self.draft.eos_token_id
+        self.eos = self.draft.eos_token_ids
         if device.draft_policy is None:  # a device keeps its estimates (link, draft speed, acceptance) across requests
             device.draft_policy = draft_policy(self.s)
         self.policy: DraftPolicy = device.draft_policy
@@ -153,7 +153,7 @@ class PipelinedLoop:
     def _ends(self, drafts: list[DraftToken], gamma: int) -> bool:
         """Whether a block (or a branch drafting the next block) ends after its last token."""
         tok = drafts[-1]
-        return tok.id == self.eos or len(drafts) >= gamma or self.policy.stop_after(len(drafts) - 1, tok.conf)
+        return tok.id in self.eos or len(drafts) >= gamma or self.policy.stop_after(len(drafts) - 1, tok.conf)
 
     def _block(self, live: list[DraftToken], gamma: int) -> _Round:
         """The next block of at most ``gamma`` tokens: ``live`` drafts first, then new ones; what ``live`` holds
@@ -177,7 +177,7 @@ class PipelinedLoop:
         main = Branch(root=len(block), token=-1)
         if rest:  # the old branch went on past this block: its next token is a guess of this block's bonus
             main.token, main.drafts, main.started, main.logits = rest[0].id, rest[1:], True, self.logits
-            main.done = rest[0].id == self.eos
+            main.done = rest[0].id in self.eos
         return _Round(base=base, block=block, block_fed=fed, main=main)
 
     # -- while the block is verified -----------------------------------------------------------
@@ -210,17 +210,17 @@ class PipelinedLoop:
             return max_new - (committed_len + root + 1)
 
         k, main = len(rnd.block), rnd.main
-        if rnd.block[-1].id != self.eos and room(k) > 0:
+        if rnd.block[-1].id not in self.eos and room(k) > 0:
             if not main.started:
                 if rnd.block_fed < k:
                     self.logits = self._feed([rnd.block[-1].id])
                     rnd.block_fed = k
                     yield
                 guess = int(torch.argmax(self.logits))
-                if guess != self.eos:
+                if guess not in self.eos:
                     main.token, main.logits, main.started = guess, self._feed([guess]), True
                     yield
-            if main.started and main.token != self.eos:
+            if main.started and main.token not in self.eos:
                 yield from self._extend(main, min(depth, room(k)))
         rnd.alts = plan_alternatives(
             rnd.block, self.s.branch_budget - 1, self.eos, max_root=max_new - committed_len - 1
@@ -246,7 +246,7 @@ class PipelinedLoop:
             tok = self._draft_token(branch.logits)
             branch.drafts.append(tok)
             branch.done = self._ends(branch.drafts, cap)
-            if tok.id != self.eos:
+            if tok.id not in self.eos:
                 branch.logits = self._feed([tok.id])
                 yield
         branch.done = True
