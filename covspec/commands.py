@@ -12,7 +12,7 @@ import torch
 from covspec.cli import Subparsers, add_config_arguments, command, config_from_args
 from covspec.config import Config
 from covspec.data import load_benchmark
-from covspec.data.metrics import exact_match, token_f1
+from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.autoregressive import generate
 from covspec.inputs import check_question, load_image
 from covspec.models.loading import load_adapter
@@ -80,14 +80,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # first: a bad data file fails before any model loads
     adapter = load_role(cfg, args.model)
     generator = torch.Generator().manual_seed(cfg.seed)
-    by_kind: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    by_kind: dict[str, list[tuple[float, float, float, str]]] = defaultdict(list)
     gen = cfg.generation
     for sample in track(samples, description=f"{args.model} on {cfg.data.split}", console=Console(stderr=True)):
         out = generate(adapter, adapter.prepare(sample.image(), sample.question), gen.max_new_tokens, gen.temperature,
                        gen.top_p, generator)  # fmt: skip
         text = adapter.decode(out.token_ids)
         by_kind[sample.kind].append(
-            (exact_match(text, sample.answer), token_f1(text, sample.answer), sample.score(text))
+            (
+                exact_match(text, sample.answer),
+                token_f1(text, sample.answer),
+                sample.score(text),
+                getattr(sample, "group", ""),
+            )
         )
     table = Table(title=f"{args.model} ({cfg.models.target.path if args.model == 'target' else cfg.models.draft.path})"
                   f" on {cfg.data.benchmark}/{cfg.data.split}, {len(samples)} samples")  # fmt: skip
@@ -98,7 +103,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     for kind, scores in rows:
         n = len(scores)
         em, f1 = f"{sum(s[0] for s in scores) / n:.1%}", f"{sum(s[1] for s in scores) / n:.3f}"
-        table.add_row(kind, str(n), *([f"{sum(s[2] for s in scores) / n:.1%}"] if scored else []), em, f1)
+        score = benchmark_score((s[3], s[2]) for s in scores)  # MMBench CircularEval: per question, all copies
+        table.add_row(kind, str(n), *([f"{score:.1%}"] if scored else []), em, f1)
     Console(file=sys.stdout).print(table)
     return 0
 

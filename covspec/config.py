@@ -198,6 +198,8 @@ class DataConfig(_Section):
     docs/benchmarks.md."""
     subjects: list[str] = field(default_factory=list)
     """MMMU subjects to load (folder names, e.g. ``[Accounting, Art]``); empty: every subject. MMMU only."""
+    circular: bool = False
+    """MMBench CircularEval: ask each question once per rotation of its options; it counts only if all are right."""
 
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "benchmark"), self.benchmark, BENCHMARKS)
@@ -216,6 +218,11 @@ class DataConfig(_Section):
                 raise ConfigError(f"{key} lists {subject!r} twice")
         if self.subjects and self.benchmark != "mmmu":
             raise ConfigError(f"{key} applies to {_join(prefix, 'benchmark')}=mmmu only, got {self.benchmark!r}")
+        if not isinstance(self.circular, bool):
+            raise ConfigError(f"{_join(prefix, 'circular')} must be true or false, got {self.circular!r}")
+        if self.circular and self.benchmark != "mmbench":
+            raise ConfigError(f"{_join(prefix, 'circular')} applies to {_join(prefix, 'benchmark')}=mmbench only, "
+                              f"got {self.benchmark!r}")  # fmt: skip
 
 
 @dataclass

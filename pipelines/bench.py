@@ -23,7 +23,7 @@ import torch
 
 from covspec.config import Config
 from covspec.data import load_benchmark
-from covspec.data.metrics import exact_match, token_f1
+from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_bound
 from covspec.protocol import projected_decoding_bytes
 from covspec.runtime.device import RequestResult
@@ -77,6 +77,7 @@ def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling:
         "exact_match": exact_match(r.text, sample.answer),
         "token_f1": token_f1(r.text, sample.answer),
         "score": sample.score(r.text),  # the benchmark's own metric (VQA accuracy, option accuracy, ...)
+        "group": getattr(sample, "group", ""),  # MMBench CircularEval: the question its rotated copies share
     }
     row.update(r.metrics())
     if r.round_log and method != "draft_only":
@@ -116,7 +117,8 @@ def hf_assisted(engine: LocalEngine, sample, max_new_tokens: int) -> dict[str, A
     return {
         "sample_id": sample.sample_id, "kind": sample.kind, "method": HF_PEER, "token_ids": tokens, "text": text,
         "reference": sample.answer, "exact_match": exact_match(text, sample.answer),
-        "token_f1": token_f1(text, sample.answer), "score": sample.score(text), "num_tokens": len(tokens),
+        "token_f1": token_f1(text, sample.answer), "score": sample.score(text), "group": getattr(sample, "group", ""),
+        "num_tokens": len(tokens),
         "latency_s": latency, "rounds": rounds, "mean_accepted_length": len(tokens) / rounds, "bytes_up": 0,
         "bytes_down": 0, "bytes_upload": 0, "settings": HF_SETTINGS,
     }  # fmt: skip
@@ -220,7 +222,7 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
                 vpt = sum(vp) / max(vanilla.sum("num_tokens"), 1)
                 row["projected_reduction_vs_vanilla"] = 1 - row["projected_bytes_per_token"] / vpt
         row["exact_match"] = s.mean("exact_match")
-        row["score"] = s.mean("score")
+        row["score"] = benchmark_score((r.get("group", ""), r["score"]) for r in s.rows)  # CircularEval-aware
         matches = [r["matches_target_only"] for r in s.rows if r.get("matches_target_only") is not None]
         # Greedy output must equal target-only token for token; sampled output is only equal in distribution.
         greedy = cfg.generation.temperature == 0

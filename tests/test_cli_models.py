@@ -268,3 +268,38 @@ def test_eval_limit_2_has_a_row_per_kind_present(capsys, pair_args):
     assert list(rows) == [*kinds, "all"]
     assert rows["all"][0] == "2"
     assert sum(int(rows[k][0]) for k in kinds) == 2
+
+
+def test_eval_scores_mmbench_per_question_under_circular_eval(capsys, tmp_path, monkeypatch):
+    """`covspec eval data.circular=true`: the score column counts a question only if every rotated copy is right. A
+    model that always answers "A" is right on 2 of the 3 plain questions and on none under CircularEval."""
+    import base64
+    import csv
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    import covspec.commands as commands
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    tsv = tmp_path / "MMBench_DEV_EN.tsv"
+    with tsv.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "answer", "category", "image"])
+        writer.writerow(["1", "Color?", "", "green", "red", "blue", "B", "color", image])
+        writer.writerow(["2", "Square?", "", "yes", "no", "", "A", "shape", image])
+        writer.writerow(["3", "Shown?", "", "a square", "a circle", "", "A", "shape", image])
+
+    always_a = SimpleNamespace(prepare=lambda image, question: None, decode=lambda ids: "A")
+    monkeypatch.setattr(commands, "load_role", lambda cfg, role: always_a)
+    monkeypatch.setattr(commands, "generate", lambda *args: SimpleNamespace(token_ids=[]))
+    base = ["eval", "data.benchmark=mmbench", f"data.path={tsv}", "data.split=val", *FAST]
+    assert main(base) == 0
+    plain = _table_rows(capsys.readouterr().out)
+    assert plain["all"][:2] == ["3", "66.7%"] and plain["shape"][:2] == ["2", "100.0%"]
+    assert main([*base, "data.circular=true"]) == 0
+    circular = _table_rows(capsys.readouterr().out)
+    assert circular["all"][:2] == ["7", "0.0%"] and circular["shape"][:2] == ["4", "0.0%"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -17,6 +18,7 @@ from PIL import Image
 from covspec.config import load_config
 from covspec.data import load_benchmark
 from covspec.data.choices import extract_choice, open_answer_match
+from covspec.data.metrics import benchmark_score
 from covspec.data.mmbench import load_mmbench
 from covspec.data.mmmu import load_mmmu
 from covspec.data.shapes import load_split
@@ -323,6 +325,33 @@ def test_mmbench_loads_prompts_options_and_images(mmb_tsv: Path):
     assert [first.score(p) for p in ("B", "The answer is (B).", "red", "A", "C. blue")] == [1, 1, 1, 0, 0]
 
 
+def test_mmbench_circular_eval_rotates_the_options_and_groups_the_copies(mmb_tsv: Path):
+    samples = load_mmbench(mmb_tsv, "val", limit=2, circular=True)  # limit counts questions: 4 + 2 copies
+    assert [s.sample_id for s in samples] == ["10", "10@1", "10@2", "10@3", "11", "11@1"]
+    assert [s.group for s in samples] == ["10"] * 4 + ["11"] * 2
+    assert [dict(s.options)["A"] for s in samples[:4]] == ["green", "red", "blue", "black"]
+    assert [s.answer for s in samples[:4]] == ["B", "A", "D", "C"]  # the letter of "red" in each rotation
+    assert all(dict(s.options)[s.answer] == "red" for s in samples[:4])
+    assert samples[1].question.split("\n")[3:7] == ["A. red", "B. blue", "C. black", "D. green"]
+    assert [(s.options, s.answer) for s in samples[4:]] == [((("A", "yes"), ("B", "no")), "A"),
+                                                            ((("A", "no"), ("B", "yes")), "B")]  # fmt: skip
+    assert samples[2].image_bytes == samples[0].image_bytes and "rotation 2" in samples[2].source
+    plain = load_mmbench(mmb_tsv, "val", limit=2)
+    assert [s.group for s in plain] == ["", ""] and plain[0] == dataclasses.replace(samples[0], group="")
+    # always answering "A": right once per question under rotation, never on all copies
+    always_a = [(s.group, s.score("A")) for s in samples]
+    assert benchmark_score(always_a) == 0.0
+    assert benchmark_score([(s.group, s.score("A")) for s in plain]) == 0.5
+    assert benchmark_score([(s.group, s.score("red" if s.group == "10" else s.answer)) for s in samples]) == 1.0
+
+
+def test_benchmark_score_counts_each_question_once():
+    rows = [("10", 1.0), ("10", 0.0), ("11", 1.0), ("11", 1.0), ("", 1.0), ("", 0.0)]
+    assert benchmark_score(rows) == 0.5  # 10 fails a copy; 11 right; two single questions, one right
+    assert benchmark_score([("", 0.25), ("", 0.75)]) == 0.5  # no groups: the plain mean (VQA accuracy)
+    assert benchmark_score([]) is None
+
+
 def test_mmbench_limit_offset_and_directory_lookup(mmb_tsv: Path, tmp_path: Path):
     assert [s.sample_id for s in load_mmbench(mmb_tsv, "val", limit=1, offset=2)] == ["12"]
     assert [s.sample_id for s in load_mmbench(tmp_path, "val", limit=2)] == ["10", "11"]  # the one *_DEV* TSV
@@ -517,6 +546,8 @@ def test_load_benchmark_dispatches_on_the_config(vqa_dir: Path, mmb_tsv: Path, m
 
     assert [s.sample_id for s in load("data.benchmark=vqav2", f"data.path={vqa_dir}", "data.limit=2")] == ["420", "421"]
     assert [s.benchmark for s in load("data.benchmark=mmbench", f"data.path={mmb_tsv}")] == ["mmbench"] * 3
+    circular = load("data.benchmark=mmbench", f"data.path={mmb_tsv}", "data.circular=true")
+    assert [s.group for s in circular] == ["10"] * 4 + ["11"] * 2 + ["12"] * 3
     got = load("data.benchmark=mmmu", f"data.path={mmmu_dir}", "data.subjects=[Art]")
     assert [s.sample_id for s in got] == ["validation_Art_1"]
 
@@ -532,6 +563,7 @@ def test_load_benchmark_dispatches_on_the_config(vqa_dir: Path, mmb_tsv: Path, m
             "data.subjects applies to data.benchmark=mmmu",
         ),
         (["data.subjects=Art"], "data.subjects must be a list"),
+        (["data.circular=true"], "data.circular applies to data.benchmark=mmbench only"),
     ],
 )
 def test_data_config_keys_are_validated(overrides: list[str], message: str):

@@ -412,7 +412,8 @@ def run_experiment(
                         row.update({"kind": sample.kind, "reference": sample.answer,
                                     "exact_match": exact_match(row["text"], sample.answer),
                                     "token_f1": token_f1(row["text"], sample.answer),
-                                    "score": sample.score(row["text"])})  # fmt: skip
+                                    "score": sample.score(row["text"]),
+                                    "group": getattr(sample, "group", "")})  # fmt: skip
                         sink_file.write(json.dumps(row) + "\n")
                         sink_file.flush()
                         rows.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -28,3 +29,17 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def benchmark_score(scored: Iterable[tuple[str, float]]) -> float | None:
+    """Mean of a benchmark's metric over its questions, from (group, score) per sample; None if there are none.
+
+    Samples with an empty group are questions of their own. Samples sharing a group are copies of one question
+    (MMBench CircularEval: its options rotated) and it scores the lowest of theirs: with 0/1 option accuracy, right
+    only if every copy is right.
+    """
+    questions: dict[tuple[bool, str | int], float] = {}
+    for i, (group, score) in enumerate(scored):
+        key = (True, group) if group else (False, i)
+        questions[key] = min(questions.get(key, score), score)
+    return sum(questions.values()) / len(questions) if questions else None

@@ -6,9 +6,13 @@ the question has fewer options. As in the TSVs that VLMEvalKit distributes, an `
 characters may hold the ``index`` of another row whose image it shares.
 
 ``data.path`` is the TSV itself, or a directory holding exactly one TSV for the split (``val``: a name with
-``_DEV``, e.g. ``MMBench_DEV_EN.tsv``; ``test``: ``_TEST``). Test TSVs carry no answers and are refused. Scoring is
-per row (not MMBench's CircularEval): the option letter extracted from the answer (:mod:`covspec.data.choices`)
-against ``answer``.
+``_DEV``, e.g. ``MMBench_DEV_EN.tsv``; ``test``: ``_TEST``). Test TSVs carry no answers and are refused. Each sample is
+scored by the option letter extracted from the answer (:mod:`covspec.data.choices`) against ``answer``.
+
+**CircularEval** (``data.circular=true``, MMBench's official protocol): a question with N options is asked N times,
+its option texts rotated by 0..N-1 places under the same letters (the answer letter moves with its text); the copies
+share ``group`` = the row's ``index`` (ids ``index``, ``index@1``, ...), and the question counts as right only if
+every copy is (:func:`covspec.data.metrics.benchmark_score`). ``data.limit`` and ``data.offset`` count questions.
 """
 
 from __future__ import annotations
@@ -88,14 +92,26 @@ def _decode_image(cell: str, where: str) -> bytes:
     return data
 
 
-def load_mmbench(path: str | Path, split: str, limit: int, offset: int = 0) -> list[FileSample]:
-    """``limit`` MMBench samples from ``offset``, in file order.
+def rotations(options: dict[str, str], answer: str) -> list[tuple[dict[str, str], str]]:
+    """CircularEval's copies of a question: (options, answer letter) with the texts shifted by 0..N-1 places."""
+    letters, texts = list(options), list(options.values())
+    correct = texts[letters.index(answer)]
+    out = []
+    for shift in range(len(letters)):
+        rotated = texts[shift:] + texts[:shift]
+        out.append((dict(zip(letters, rotated, strict=True)), letters[rotated.index(correct)]))
+    return out
+
+
+def load_mmbench(path: str | Path, split: str, limit: int, offset: int = 0, circular: bool = False) -> list[FileSample]:
+    """``limit`` MMBench questions from ``offset``, in file order (with ``circular``, each as its rotated copies).
 
     Args:
         path: the TSV file, or a directory holding one TSV for ``split``.
         split: ``val`` (the dev TSV) or ``test``; MMBench has no train split.
-        limit: most samples to return.
+        limit: most questions to return.
         offset: index of the first data row.
+        circular: CircularEval: every question once per rotation of its options, grouped by ``index``.
 
     Raises:
         ConfigError: ``split`` is ``train``.
@@ -131,18 +147,22 @@ def load_mmbench(path: str | Path, split: str, limit: int, offset: int = 0) -> l
             if image not in images or len(images[image].strip()) <= _IMAGE_REF_MAX:
                 raise InputError(f"{where}: column 'image' is neither base64 image data nor the index of a row with it")
             image = images[image]
-        samples.append(
-            FileSample(
-                benchmark="mmbench",
-                sample_id=index,
-                split=split,
-                kind=(cells.get("category") or "mmbench").strip(),
-                question=build_prompt(cells["question"], options, cells.get("hint")),
-                answer=answer,
-                metric="choice",
-                options=tuple(options.items()),
-                source=where,
-                image_bytes=_decode_image(image, where),
+        image_bytes = _decode_image(image, where)
+        copies = rotations(options, answer) if circular else [(options, answer)]
+        for shift, (shown, letter) in enumerate(copies):
+            samples.append(
+                FileSample(
+                    benchmark="mmbench",
+                    sample_id=index if shift == 0 else f"{index}@{shift}",
+                    split=split,
+                    kind=(cells.get("category") or "mmbench").strip(),
+                    question=build_prompt(cells["question"], shown, cells.get("hint")),
+                    answer=letter,
+                    metric="choice",
+                    options=tuple(shown.items()),
+                    source=where if shift == 0 else f"{where}, rotation {shift}",
+                    image_bytes=image_bytes,
+                    group=index if circular else "",
+                )
             )
-        )
     return samples

@@ -47,6 +47,8 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
         return load_split(data.split, data.limit, seed=seed, offset=data.offset)
     if data.path is None:
         raise ConfigError(f"data.path must be set for data.benchmark={data.benchmark} (see docs/benchmarks.md)")
+    if data.circular and data.benchmark != "mmbench":
+        raise ConfigError(f"data.circular applies to data.benchmark=mmbench only, got data.benchmark={data.benchmark}")
     subjects = list(data.subjects)
     if subjects and data.benchmark != "mmmu":
         raise ConfigError(f"data.subjects applies to data.benchmark=mmmu only, got data.benchmark={data.benchmark}")
@@ -57,7 +59,7 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
     if data.benchmark == "mmbench":
         from covspec.data.mmbench import load_mmbench
 
-        return load_mmbench(data.path, data.split, data.limit, data.offset)
+        return load_mmbench(data.path, data.split, data.limit, data.offset, circular=data.circular)
     if data.benchmark == "mmmu":
         from covspec.data.mmmu import load_mmmu
 

@@ -72,6 +72,8 @@ class FileSample:
     """Multiple choice: (letter, option text) pairs in order."""
     source: str = ""
     """Where the sample comes from, for messages: ``"MMBench_DEV_EN.tsv row 17"``."""
+    group: str = ""
+    """MMBench CircularEval: the question's ``index``, shared by its rotated copies (scored together); else empty."""
     image_path: Path | None = None
     """The image file (VQAv2), or None when the image is embedded."""
     image_bytes: bytes | None = field(default=None, repr=False)
