@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from covspec.config import Config, config_to_dict, load_config
-from covspec.data.shapes import load_split
+from covspec.data import load_benchmark
 from covspec.inputs import check_question
 from covspec.protocol import Link
 from covspec.runtime.device import Device
@@ -60,7 +60,7 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None) -> dict[s
     adaptive policy's estimates carry over from one request to the next (``Device.draft_policy``).
     """
     engine = LocalEngine.from_config(cfg)
-    samples = load_split(cfg.data.split, cfg.data.limit, seed=cfg.seed, offset=cfg.data.offset)
+    samples = load_benchmark(cfg.data, seed=cfg.seed)  # shapes by default; any benchmark of docs/benchmarks.md
     base = link_profile(cfg)
     devices: dict[tuple[float, str], Device] = {}
     for rtt in rtts:
@@ -147,7 +147,7 @@ def print_table(report: dict[str, Any], summary: list[dict[str, Any]], file=None
     cfg: Config = report["config"]
     d, link = cfg.drafting, cfg.link
     table = Table(
-        title=f"drafting bench: {report['samples']} samples of shapes/{cfg.data.split}, "
+        title=f"drafting bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
         f"T={cfg.generation.temperature:g}, fixed gamma={d.gamma}, adaptive gamma in [{d.gamma_min}, {d.gamma_max}], "
         f"threshold {d.threshold:g}, "
         f"budget {cfg.branching.budget or DEFAULT_BUDGET}, jitter {link.jitter_ms:g} ms, "

@@ -38,8 +38,8 @@ import torch
 
 from covspec.cli import split_config_args
 from covspec.config import Config, load_config
+from covspec.data import load_benchmark
 from covspec.data.metrics import exact_match
-from covspec.data.shapes import load_split
 from covspec.pruning import PRUNERS, build_pruner
 from covspec.runtime.edge import Edge
 from covspec.runtime.engine import LocalEngine, colocated_profile
@@ -265,10 +265,10 @@ def write_outputs(summary: list[dict[str, Any]], report: dict[str, Any], out_dir
         writer.writeheader()
         writer.writerows(summary)
     json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    n = report["samples"]
+    n, data = report["samples"], report["config"]["data"]
     acc_png, pre_png = out_dir / "accepted_length_vs_keep_ratio.png", out_dir / "prefill_time_vs_keep_ratio.png"
     plot(summary, "mean_accepted_length", "mean accepted length (1 + accepted / rounds)", acc_png,
-         f"covspec greedy, {n} shapes/test samples: accepted length vs keep ratio")  # fmt: skip
+         f"covspec greedy, {n} {data['benchmark']}/{data['split']} samples: accepted length vs keep ratio")  # fmt: skip
     plot(summary, "draft_prefill_ms", "draft prefill time, ms (median)", pre_png,
          "draft prefill (vision tower + LM) vs keep ratio")  # fmt: skip
     return [csv_path, json_path, acc_png, pre_png]
@@ -290,7 +290,7 @@ def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: in
         return engines[key]
 
     vs = variants(cfg, ratios, methods)
-    samples = load_split(cfg.data.split, cfg.data.limit, seed=cfg.seed, offset=cfg.data.offset)
+    samples = load_benchmark(cfg.data, seed=cfg.seed)  # shapes by default; any benchmark of docs/benchmarks.md
     evaluate(engine_for, vs, samples, progress)
     time_variants(engine_for, vs, samples[: max(1, timing_samples)])
     summary = summarize(vs)

@@ -126,3 +126,19 @@ def test_per_round_overhead_counts_like_waiting():
     assert chosen(20 * MS) > chosen(0.0)
     expected = choose_block_length(0.8, DRAFT_S, 0.0, 25 * MS, 1, 16)
     assert chosen(20 * MS) == expected
+
+
+@pytest.mark.slow
+def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, capsys):
+    """The benchmark end to end on one sample and one RTT: every variant's greedy output equals target-only."""
+    import json
+
+    from pipelines import drafting_bench
+
+    argv = ["data.limit=1", "tracking.enabled=false", "threads=1", "--rtts", "5", "--out", str(tmp_path)]
+    assert drafting_bench.main(argv) == 0
+    doc = json.loads((tmp_path / "drafting_bench.json").read_text())
+    assert {row["variant"] for row in doc["summary"]} == {"fixed", "adaptive", "adaptive+branching"}
+    assert all(row["identical_to_target_only"] == 1.0 for row in doc["summary"]), doc["summary"]
+    assert (tmp_path / "drafting_bench.png").stat().st_size > 0
+    assert "1samplesofshapes/test" in "".join(capsys.readouterr().out.split())  # rich wraps the title
