@@ -13,6 +13,7 @@ from covspec.protocol import (
     ErrorCode,
     ErrorReply,
     Link,
+    MoreCandidates,
     OpenSession,
     SessionOpened,
     TokenChunk,
@@ -211,6 +212,66 @@ def test_a_lost_session_is_reopened_and_the_output_does_not_change(toy_pair, met
         plain, lossy = outputs
         assert lossy.token_ids == plain.token_ids
         assert plain.session_reopens == 0 and lossy.session_reopens >= 1, method
+
+
+class _LosesCorrections:
+    """An edge handler that loses the session when a MoreCandidates arrives for a session that has verified a round
+    (the device is mid-correction); the resent one, on the reopened session, is answered."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge, self.lost = edge, 0
+
+    def __call__(self, payload: bytes, peer: str = ""):
+        msg = decode(payload)
+        if isinstance(msg, MoreCandidates) and self.edge.sessions[msg.session_id].verified > 0:
+            self.edge.sessions.clear()
+            self.lost += 1
+        yield from self.edge.handle(payload, peer)
+
+
+def test_a_session_lost_during_a_correction_is_reopened_and_the_correction_goes_on(toy_pair, monkeypatch):
+    """The device refuses the first candidates of every correction (so it asks for more) and the edge loses the
+    session each time it does: the device reopens from the tokens through the accepted drafts and asks again."""
+    import covspec.runtime.device as device_module
+
+    target, draft = toy_pair
+    real, calls = device_module.correct_from_candidates, []
+
+    def refuse_first(*args):
+        calls.append(len(calls) % 2 == 0)
+        return None if calls[-1] else real(*args)
+
+    monkeypatch.setattr(device_module, "correct_from_candidates", refuse_first)
+    sample = next(s for s in load_split("test", 12) if s.kind == "describe")
+    handler = _LosesCorrections(Edge(target))
+    transport = InProcessTransport(handler, Link(colocated_profile()))
+    try:
+        settings = DeviceSettings(method="covspec", max_new_tokens=40, gamma=3, temperature=0.8, seed=4)
+        r = Device(draft, transport, settings).run(sample.image(), sample.question)
+    finally:
+        transport.close()
+    assert handler.lost >= 1 and r.session_reopens == handler.lost
+    assert r.more_candidate_requests >= handler.lost
+    assert 0 < len(r.token_ids) <= 40 and r.text
+    assert not handler.edge.sessions  # closed at the end
+
+
+def test_more_candidates_on_a_reopened_session_draw_from_the_next_position(toy_pair):
+    target, _ = toy_pair
+    sample = load_split("test", 1)[0]
+    edge = Edge(target)
+    reply = edge.process([Frame(encode(MoreCandidates(_open(edge, target, sample, temperature=0.8), 0)))])[0][0][0]
+    assert isinstance(reply, ErrorReply)  # a fresh session has no correction to resume (seq 0: nothing before it)
+    greedy = _open(edge, target, sample, committed=[7], seq=2)
+    reply = edge.process([Frame(encode(MoreCandidates(greedy, 1)))])[0][0][0]
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNEXPECTED_TYPE
+    sid = _open(edge, target, sample, temperature=0.8, committed=[7], seq=2)
+    reply = edge.process([Frame(encode(MoreCandidates(sid, 1)))])[0][0][0]
+    assert isinstance(reply, VerifyResponse) and reply.num_accepted == 0 and len(reply.candidate_ids) == 4
+    # the next round commits one of them as its last token and goes on from there
+    ok = VerifyRequest(sid, 2, [5], committed_len=2, last_token=reply.candidate_ids[0],
+                       draft_probs=probs_to_bytes([0.5]))  # fmt: skip
+    assert isinstance(edge.process([Frame(encode(ok))])[0][0][0], VerifyResponse)
 
 
 def test_a_session_that_cannot_be_reopened_fails_clearly(toy_pair):

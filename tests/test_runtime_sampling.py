@@ -26,7 +26,7 @@ from scipy import stats
 from covspec.data.shapes import load_split
 from covspec.decoding.sampling import probs_from_logits
 from covspec.models.tiny import TinySpec, tiny_llava
-from covspec.protocol import Link, LinkProfile
+from covspec.protocol import Link, LinkProfile, MoreCandidates, decode
 from covspec.runtime.device import Device, DeviceSettings
 from covspec.runtime.edge import Edge
 from covspec.runtime.engine import colocated_profile
@@ -42,9 +42,14 @@ TV_AT_20K = 0.02  # allowed total variation at 20,000 draws; it scales like 1/sq
 WORKERS = 2
 
 
+NOISE = {"close": 0.1, "mid": 0.3}  # draft = the target with this much noise on its language model
+
+
 def _models(draft_kind: str) -> tuple:
-    """The target and a draft, built from fixed seeds: ``random`` disagrees with the target, ``close`` is the target
-    with noise on its language model (branches match often). Same weights in every process."""
+    """The target and a draft, built from fixed seeds: ``random`` disagrees with the target; ``close`` and ``mid``
+    are the target with noise on its language model (``close``: branches match often; ``mid``: TV(p, q) about 0.6 at
+    the first position, so that corrections are common and their first candidate is often refused). Same weights in
+    every process."""
     target = tiny_llava(SPEC, seed=0)
     if draft_kind == "random":
         return target, tiny_llava(SPEC, seed=1)
@@ -53,18 +58,33 @@ def _models(draft_kind: str) -> tuple:
     with torch.no_grad():
         for w in draft.model.model.language_model.parameters():
             if w.dim() > 1:
-                w += 0.1 * w.std() * torch.randn(w.shape, generator=gen)
+                w += NOISE[draft_kind] * w.std() * torch.randn(w.shape, generator=gen)
     return target, draft
 
 
 _CACHE: dict[str, tuple] = {}
 
 
+def losing_corrections(edge: Edge):
+    """The edge's frame handler, except that a MoreCandidates for a session that has verified a round (the device is
+    mid-correction) finds the session gone, as after an expiry or a replica restart."""
+
+    def handle(payload: bytes, peer: str = ""):
+        msg = decode(payload)
+        session = edge.sessions.get(msg.session_id) if isinstance(msg, MoreCandidates) else None
+        if session is not None and session.verified > 0:
+            edge.drop(msg.session_id)
+        yield from edge.handle(payload, peer)
+
+    return handle
+
+
 def run_seeds(method: str, seeds: range, max_new_tokens: int, draft_kind: str, rtt_ms: float | None,
-              broken: bool, settings: dict) -> tuple[np.ndarray, list[tuple[int, int]], float]:  # fmt: skip
+              broken: bool, settings: dict, lose_corrections: bool = False,
+              ) -> tuple[np.ndarray, list[tuple[int, int, int]], float]:  # fmt: skip
     """Worker body: one full device<->edge request per seed. Returns the first ``max_new_tokens`` tokens (EOS-padded),
-    (branch hits, misses) per request, and a fingerprint of the target's first-token logits (the parent checks that
-    the worker built the same model)."""
+    (branch hits, misses, session reopens) per request, and a fingerprint of the target's first-token logits (the
+    parent checks that the worker built the same model)."""
     torch.set_num_threads(1)
     if broken:  # taking the first candidate, skipping the max(0, 1 - q/p) test, is biased
         import covspec.runtime.device
@@ -78,16 +98,16 @@ def run_seeds(method: str, seeds: range, max_new_tokens: int, draft_kind: str, r
     _, logits = target.prefill(target.prepare(image, sample.question))
     edge = Edge(target)
     profile = colocated_profile() if rtt_ms is None else LinkProfile(rtt_ms=rtt_ms)
-    transport = InProcessTransport(edge.handle, Link(profile))
+    transport = InProcessTransport(losing_corrections(edge) if lose_corrections else edge.handle, Link(profile))
     eos = target.eos_token_id
     tokens, branches = np.full((len(seeds), max_new_tokens), eos), []
     try:
         for i, seed in enumerate(seeds):
             s = DeviceSettings(method=method, max_new_tokens=max_new_tokens, temperature=TEMPERATURE, seed=seed,
-                               num_candidates=2, **settings)  # fmt: skip
+                               **{"num_candidates": 2, **settings})  # fmt: skip
             r = Device(draft, transport, s).run(image, sample.question)
             tokens[i, : len(r.token_ids)] = r.token_ids
-            branches.append((r.branch_hits, r.branch_misses))
+            branches.append((r.branch_hits, r.branch_misses, r.session_reopens))
     finally:
         transport.close()
     return tokens, branches, float(logits.double().sum())
@@ -114,12 +134,14 @@ def setup(pool):
 
 
 def generations(setup, method: str, draws: int, max_new_tokens: int = 1, draft: str = "random",
-                rtt_ms: float | None = None, broken: bool = False, **settings):  # fmt: skip
+                rtt_ms: float | None = None, broken: bool = False, lose_corrections: bool = False,
+                **settings):  # fmt: skip
     """The first ``max_new_tokens`` tokens of ``draws`` requests (seeds 0..draws-1, split over the workers), padded
-    with EOS; and (branch hits, misses) per request."""
+    with EOS; and (branch hits, misses, session reopens) per request."""
     pool, fingerprint = setup[6], setup[7]
     bounds = np.linspace(0, draws, WORKERS + 1).astype(int)
-    jobs = [pool.submit(run_seeds, method, range(a, b), max_new_tokens, draft, rtt_ms, broken, settings)
+    jobs = [pool.submit(run_seeds, method, range(a, b), max_new_tokens, draft, rtt_ms, broken, settings,
+                        lose_corrections)
             for a, b in itertools.pairwise(bounds)]  # fmt: skip
     parts = [job.result() for job in jobs]
     for _, _, worker_fingerprint in parts:
@@ -187,7 +209,7 @@ def test_covspec_first_token_follows_target_distribution(setup, variant):
         counts = first_tokens(setup, "covspec", DRAWS)
     else:  # two tokens, so that the second comes from a branch whenever one matched
         tokens, branches = generations(setup, "covspec", BRANCHING_DRAWS, max_new_tokens=2, **PIPELINED)
-        assert sum(h + m for h, m in branches) > BRANCHING_DRAWS // 2  # the branching loop ran
+        assert sum(h + m for h, m, _ in branches) > BRANCHING_DRAWS // 2  # the branching loop ran
         counts = np.bincount(tokens[:, 0], minlength=len(p)).astype(float)
         pvalue, tv = fit(pair_counts(tokens, len(p)), pair_probs(setup).ravel())
         assert pvalue > 1e-3, (pvalue, tv)
@@ -202,8 +224,8 @@ def test_drafts_reused_from_branches_keep_sampling_exact(setup):
     two tokens follow the target's joint distribution, and the third its conditional after the commonest pair."""
     target = setup[0]
     tokens, branches = generations(setup, "covspec", 3_000, max_new_tokens=3, draft="close", rtt_ms=2.0, **PIPELINED)
-    hits = sum(h for h, _ in branches)
-    assert hits > 0.05 * sum(h + m for h, m in branches), hits
+    hits = sum(h for h, _, _ in branches)
+    assert hits > 0.05 * sum(h + m for h, m, _ in branches), hits
     v, eos = target.vocab_size, target.eos_token_id
     pvalue, tv = fit(pair_counts(tokens, v), pair_probs(setup).ravel())
     assert pvalue > 1e-3, (pvalue, tv)
@@ -229,3 +251,24 @@ def test_broken_corrector_fails(setup):
     counts = first_tokens(setup, "covspec", 3_000, broken=True)  # fewer draws suffice: a p-value only shrinks
     pvalue, tv = fit(counts, setup[4])
     assert pvalue < 1e-6, (pvalue, tv)
+
+
+@pytest.mark.slow
+def test_a_correction_resumed_after_a_lost_session_stays_exact(setup):
+    """One candidate per reply, a draft whose first token often needs a correction whose first candidate is refused,
+    and an edge that loses the session whenever the device asks for more: the device reopens it and asks again. A
+    rejection sampler's accepted draw follows the residual norm(max(0, p - q)) however many trials it took, so the
+    first tokens of the resumed requests must follow it, and all first tokens p."""
+    p = setup[4]
+    _, draft = _models("mid")
+    sample = load_split("test", 1)[0]
+    _, d_logits = draft.prefill(draft.prepare(sample.image(), sample.question))
+    q = probs_from_logits(d_logits.double(), TEMPERATURE).numpy()
+    tokens, info = generations(setup, "covspec", 2_000, draft="mid", lose_corrections=True, num_candidates=1)
+    resumed = np.array([reopens > 0 for _, _, reopens in info])
+    assert resumed.sum() > 250, resumed.sum()
+    residual = np.maximum(p - q, 0.0)
+    pvalue, tv = fit(np.bincount(tokens[resumed, 0], minlength=len(p)).astype(float), residual / residual.sum())
+    assert pvalue > 1e-3, (pvalue, tv)
+    pvalue, tv = fit(np.bincount(tokens[:, 0], minlength=len(p)).astype(float), p)
+    assert pvalue > 1e-3, (pvalue, tv)

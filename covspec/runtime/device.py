@@ -75,12 +75,15 @@ class EdgeSession:
     then reopens it from its committed tokens: the same ``OpenSession`` with a fresh id, ``committed`` (the target
     prefills prompt + committed tokens) and the next ``seq``, and resends the block in flight with ``last_token=-1``
     (the edge has already fed every committed token). Greedy output is unchanged; sampling stays exact (the reopened
-    session draws from a fresh random stream). A session lost while the device asks for more candidates cannot be
-    resumed mid-correction: the request fails with ``EdgeError`` (the cluster retries the sample).
+    session draws from a fresh random stream). A session lost while the device asks for more candidates (a covspec
+    correction in progress) is reopened from the tokens committed through the accepted drafts, with ``seq`` = the
+    next round, and the ``MoreCandidates`` is resent: the edge draws the candidates from p at that position, which
+    the lost session held too, so the correction's rejection sampling goes on with fresh i.i.d. draws from p.
     """
 
     open_msg: OpenSession
     in_flight: tuple[VerifyRequest, list[int]] | None = None  # the block awaiting its verdict, committed tokens
+    correcting: tuple[list[int], int] | None = None  # a correction in progress: tokens through the accepted, round
     reopens: int = 0  # in total
     failed: int = 0  # reopens since the last reply
 
@@ -269,6 +272,8 @@ class Device:
         elif kind is VerifyResponse and sess.in_flight is not None:
             block, committed = sess.in_flight
             seq = block.seq
+        elif kind is VerifyResponse and sess.correcting is not None:  # lost while asking for more candidates
+            committed, seq, block = list(sess.correcting[0]), sess.correcting[1] + 1, None
         else:
             return False
         if len(committed) >= sess.open_msg.max_new_tokens:
@@ -283,6 +288,8 @@ class Device:
             block = msgspec.structs.replace(block, session_id=sess.sid, last_token=-1)
             sess.in_flight = (block, committed)
             self.transport.send(block)
+        elif kind is VerifyResponse:
+            self.transport.send(MoreCandidates(sess.sid, seq - 1))
         return True
 
     def _prune(self, inputs: PromptInputs, keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -444,7 +451,9 @@ class Device:
         n = reply.num_accepted
         more_before = result.more_candidate_requests
         self.session.in_flight = None
+        self.session.correcting = (committed + ids[:n], seq)  # what a reopen needs if the session is lost now
         token = self._finish_round(seq, reply, ids, q_rows, gen, result)
+        self.session.correcting = None
         if not result.token_ids and n + (token is not None) > 0:
             result.ttft_s = time.perf_counter() - start
         result.rounds += 1

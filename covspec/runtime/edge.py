@@ -111,6 +111,7 @@ class Session:
     seq: int = 0  # next expected VerifyRequest.seq (target_only: next TokenChunk.seq)
     expected: Expected | None = None  # None in round 0
     more_requests: int = 0
+    verified: int = 0  # rounds verified by this session (0 for a freshly reopened one)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -485,6 +486,7 @@ class Edge:
         self.target.rollback(s.state, base_len + len(prefix) + num_accepted)
         s.last_logits = rows[num_accepted]
         s.seq += 1
+        s.verified += 1
         s.more_requests = 0
         return self._verdict(s, msg, p, num_accepted, rejected)
 
@@ -526,10 +528,21 @@ class Edge:
         return VerifyResponse(s.session_id, msg.seq, n, token, cand_ids, cand_probs, dists)
 
     def _more_candidates(self, s: Session, msg: MoreCandidates) -> VerifyResponse:
+        """m more candidates for the pending covspec correction.
+
+        A device that lost its session while correcting reopens it from the tokens committed up to the rejected
+        position (``seq`` = the next round) and asks again: with nothing outstanding on a reopened covspec sampling
+        session, the candidates are drawn from p at the next position, exactly the row the lost session held (the
+        target's distribution after the same prefix), so the device's rejection sampling goes on with fresh i.i.d.
+        draws and stays exact.
+        """
         check_against(msg, self.vocab_size, mode=s.method, expected_seq=s.seq - 1)
         exp = s.expected
-        if exp is None or not exp.candidates or exp.p_row is None:
+        if exp is None and s.sampling and s.seq > 0 and s.verified == 0:  # resuming a correction after a reopen
+            exp = Expected(p_row=probs_from_logits(s.last_logits.float(), s.temperature, s.top_p))
+        if exp is None or exp.p_row is None or (not exp.candidates and s.verified > 0):
             raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "MoreCandidates but no candidates are outstanding")
+        s.expected = exp
         s.more_requests += 1
         if s.more_requests >= CANDIDATE_ROUNDS_BEFORE_FULL_ROW:
             # Rare (q ~ p): ship the whole row so the device finishes with residual sampling.
