@@ -268,7 +268,12 @@ def test_more_candidates_on_a_reopened_session_draw_from_the_next_position(toy_p
     sid = _open(edge, target, sample, temperature=0.8, committed=[7], seq=2)
     reply = edge.process([Frame(encode(MoreCandidates(sid, 1)))])[0][0][0]
     assert isinstance(reply, VerifyResponse) and reply.num_accepted == 0 and len(reply.candidate_ids) == 4
-    # the next round commits one of them as its last token and goes on from there
+    # the next round must commit one of them as its last token (refused otherwise, nothing changed), then goes on
+    outside = next(t for t in range(5, 40) if t not in reply.candidate_ids)
+    bad = VerifyRequest(sid, 2, [5], committed_len=2, last_token=outside, draft_probs=probs_to_bytes([0.5]))
+    refused = edge.process([Frame(encode(bad))])[0][0][0]
+    assert isinstance(refused, ErrorReply) and "last_token" in refused.message
+    assert edge.sessions[sid].committed == [7] and edge.sessions[sid].seq == 2
     ok = VerifyRequest(sid, 2, [5], committed_len=2, last_token=reply.candidate_ids[0],
                        draft_probs=probs_to_bytes([0.5]))  # fmt: skip
     assert isinstance(edge.process([Frame(encode(ok))])[0][0][0], VerifyResponse)

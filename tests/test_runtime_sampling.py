@@ -23,8 +23,10 @@ import pytest
 import torch
 from scipy import stats
 
+import covspec.runtime.device as device_module
 from covspec.data.shapes import load_split
 from covspec.decoding.sampling import probs_from_logits
+from covspec.decoding.verify import correct_from_candidates
 from covspec.models.tiny import TinySpec, tiny_llava
 from covspec.protocol import Link, LinkProfile, MoreCandidates, decode
 from covspec.runtime.device import Device, DeviceSettings
@@ -86,10 +88,8 @@ def run_seeds(method: str, seeds: range, max_new_tokens: int, draft_kind: str, r
     (branch hits, misses, session reopens) per request, and a fingerprint of the target's first-token logits (the
     parent checks that the worker built the same model)."""
     torch.set_num_threads(1)
-    if broken:  # taking the first candidate, skipping the max(0, 1 - q/p) test, is biased
-        import covspec.runtime.device
-
-        covspec.runtime.device.correct_from_candidates = lambda ids, *_: int(ids[0])
+    # Taking the first candidate, skipping the max(0, 1 - q/p) test, is biased. Set on every call: workers are reused.
+    device_module.correct_from_candidates = (lambda ids, *_: int(ids[0])) if broken else correct_from_candidates
     if draft_kind not in _CACHE:
         _CACHE[draft_kind] = _models(draft_kind)
     target, draft = _CACHE[draft_kind]

@@ -90,7 +90,8 @@ class Expected:
 
     token: int = -1  # a token the edge chose (greedy, bonus)
     candidates: set[int] = field(default_factory=set)  # covspec: any candidate sent
-    p_row: torch.Tensor | None = None  # [V] dssd / vanilla / fallback: any token with p > 0
+    p_row: torch.Tensor | None = None  # [V] p at the position (covspec keeps it to draw more candidates)
+    row_sent: bool = False  # the device got p itself (dssd, vanilla, covspec's fallback): any token with p > 0
 
 
 @dataclass
@@ -443,7 +444,7 @@ class Edge:
         ok = (
             tok == exp.token
             or tok in exp.candidates
-            or (exp.p_row is not None and exp.token < 0 and float(exp.p_row[tok]) > 0)
+            or (exp.row_sent and exp.p_row is not None and exp.token < 0 and float(exp.p_row[tok]) > 0)
         )
         if not ok:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"last_token = {tok} is not a token the edge allowed")
@@ -507,7 +508,7 @@ class Edge:
         if s.method == "vanilla_sd":
             dists = probs_to_bytes(p)
             if s.sampling:
-                expected.p_row = row
+                expected.p_row, expected.row_sent = row, True
             else:
                 expected.token = int(torch.argmax(row))
         elif not s.sampling:
@@ -519,7 +520,7 @@ class Edge:
         elif not rejected:
             token = expected.token = int(sample(row, s.generator))  # bonus
         elif s.method == "dssd":
-            dists, expected.p_row = probs_to_bytes(row[None]), row
+            dists, expected.p_row, expected.row_sent = probs_to_bytes(row[None]), row, True
         else:  # covspec: candidates from p at the rejected position
             ids, vals = sample_candidates(row, s.num_candidates, s.generator)
             cand_ids, cand_probs = ids.tolist(), probs_to_bytes(vals)
@@ -546,6 +547,7 @@ class Edge:
         s.more_requests += 1
         if s.more_requests >= CANDIDATE_ROUNDS_BEFORE_FULL_ROW:
             # Rare (q ~ p): ship the whole row so the device finishes with residual sampling.
+            exp.row_sent = True
             return VerifyResponse(s.session_id, msg.seq, 0, -1, [], b"", probs_to_bytes(exp.p_row[None]))
         ids, vals = sample_candidates(exp.p_row, s.num_candidates, s.generator)
         exp.candidates.update(ids.tolist())
