@@ -25,6 +25,7 @@ from covspec.config import Config
 from covspec.data import load_benchmark
 from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_bound
+from covspec.models.base import cut_at_eos
 from covspec.protocol import projected_decoding_bytes
 from covspec.runtime.device import RequestResult
 from covspec.runtime.engine import LocalEngine
@@ -110,8 +111,7 @@ def hf_assisted(engine: LocalEngine, sample, max_new_tokens: int) -> dict[str, A
     finally:
         hook.remove()
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    ends = [i for i, t in enumerate(new) if t in target.eos_token_ids]
-    tokens = new[: ends[0]] if ends else new
+    tokens = cut_at_eos(new, target.eos_token_ids)
     text = target.decode(tokens)
     rounds = max(calls - 1, 1)  # the first call is the prefill
     return {

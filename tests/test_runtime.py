@@ -10,6 +10,7 @@ import torch
 
 from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
+from covspec.models.base import cut_at_eos
 from covspec.models.llava import LlavaAdapter
 from covspec.models.tiny import TINY_SPECS, TinySpec, tiny_llava
 from covspec.protocol import (
@@ -54,8 +55,7 @@ def hf_reference(target, sample, max_new_tokens):
     out = target.model.generate(input_ids=inputs.input_ids[None], pixel_values=inputs.pixel_values,
                                 max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    ends = [i for i, t in enumerate(new) if t in target.eos_token_ids]
-    return new[: ends[0]] if ends else new
+    return cut_at_eos(new, target.eos_token_ids)
 
 
 PAIRS = {

@@ -50,7 +50,10 @@ class DecodeState:
         return self.seq_len - self.pruned
 
 
-def _eos_list(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
+def eos_id_list(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """Every id that ends generation, in configured order: ``generation_config.eos_token_id`` (an id or a list, as
+    chat models such as Qwen2-VL ship ``[<|im_end|>, <|endoftext|>]``), else the tokenizer's. ``generate`` stops at
+    any of them."""
     ids = configured if configured is not None else tokenizer.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if not ids:
@@ -58,15 +61,9 @@ def _eos_list(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-def eos_ids(configured: int | list[int] | None, tokenizer: Any) -> frozenset[int]:
-    """Every id that ends generation: ``generation_config.eos_token_id`` (an id or a list, as chat models such as
-    Qwen2-VL ship ``[<|im_end|>, <|endoftext|>]``), else the tokenizer's. ``generate`` stops at any of them."""
-    return frozenset(_eos_list(configured, tokenizer))
-
-
-def primary_eos(configured: int | list[int] | None, tokenizer: Any) -> int:
-    """The first of :func:`eos_ids` in configured order."""
-    return _eos_list(configured, tokenizer)[0]
+def cut_at_eos(tokens: list[int], eos_token_ids: frozenset[int]) -> list[int]:
+    """``tokens`` up to (without) the first end-of-sequence id."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_token_ids), tokens)
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ import time
 import torch
 from PIL import Image
 
-from covspec.models.base import PromptInputs, VLMAdapter
+from covspec.models.base import PromptInputs, VLMAdapter, cut_at_eos
 
 
 class CheckFailed(AssertionError):
@@ -55,8 +55,7 @@ def hf_greedy(adapter: VLMAdapter, inputs: PromptInputs, max_new_tokens: int) ->
     """``model.generate(do_sample=False)``'s new tokens, cut before the first EOS."""
     out = adapter.model.generate(**model_inputs(adapter, inputs), max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs.input_ids.shape[0] :].tolist()
-    ends = [i for i, t in enumerate(new) if t in adapter.eos_token_ids]
-    return new[: ends[0]] if ends else new
+    return cut_at_eos(new, adapter.eos_token_ids)
 
 
 def check_greedy(adapter: VLMAdapter, inputs: PromptInputs, max_new_tokens: int = 8) -> list[int]:

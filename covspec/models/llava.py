@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, eos_ids, primary_eos
+from covspec.models.base import DecodeState, PromptInputs, eos_id_list
 
 
 class LlavaAdapter:
@@ -28,8 +28,9 @@ class LlavaAdapter:
         self.name = name
         self.image_token_id: int = model.config.image_token_id
         self.vocab_size: int = model.config.text_config.vocab_size
-        self.eos_token_ids: frozenset[int] = eos_ids(model.generation_config.eos_token_id, self.tokenizer)
-        self.eos_token_id: int = primary_eos(model.generation_config.eos_token_id, self.tokenizer)
+        eos = eos_id_list(model.generation_config.eos_token_id, self.tokenizer)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.eos_token_id: int = eos[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 

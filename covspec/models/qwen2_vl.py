@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, eos_ids, primary_eos
+from covspec.models.base import DecodeState, PromptInputs, eos_id_list
 from covspec.models.llava import LlavaAdapter
 
 
@@ -45,8 +45,9 @@ class Qwen2VLAdapter:
         # The tokenizer's ids, not the LM head's padded width (Qwen2.5-VL-3B: 151,936 rows, 7B: 152,064, one
         # tokenizer of 151,665): draft and target must agree on the logits' width, and no text maps to padding.
         self.vocab_size: int = min(model.config.text_config.vocab_size, len(self.tokenizer))
-        self.eos_token_ids: frozenset[int] = eos_ids(model.generation_config.eos_token_id, self.tokenizer)
-        self.eos_token_id: int = primary_eos(model.generation_config.eos_token_id, self.tokenizer)
+        eos = eos_id_list(model.generation_config.eos_token_id, self.tokenizer)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.eos_token_id: int = eos[0]
         self.merge_size: int = model.config.vision_config.spatial_merge_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

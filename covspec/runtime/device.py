@@ -83,7 +83,7 @@ class EdgeSession:
 
     open_msg: OpenSession
     in_flight: tuple[VerifyRequest, list[int]] | None = None  # the block awaiting its verdict, committed tokens
-    correcting: tuple[list[int], int] | None = None  # a correction in progress: tokens through the accepted, round
+    correcting: tuple[list[int], list[int], int] | None = None  # a correction in progress: committed, accepted, round
     reopens: int = 0  # in total
     failed: int = 0  # reopens since the last reply
 
@@ -273,7 +273,8 @@ class Device:
             block, committed = sess.in_flight
             seq = block.seq
         elif kind is VerifyResponse and sess.correcting is not None:  # lost while asking for more candidates
-            committed, seq, block = list(sess.correcting[0]), sess.correcting[1] + 1, None
+            done, accepted, round_seq = sess.correcting
+            committed, seq, block = [*done, *accepted], round_seq + 1, None
         else:
             return False
         if len(committed) >= sess.open_msg.max_new_tokens:
@@ -451,7 +452,7 @@ class Device:
         n = reply.num_accepted
         more_before = result.more_candidate_requests
         self.session.in_flight = None
-        self.session.correcting = (committed + ids[:n], seq)  # what a reopen needs if the session is lost now
+        self.session.correcting = (committed, ids[:n], seq)  # what a reopen needs if the session is lost now
         token = self._finish_round(seq, reply, ids, q_rows, gen, result)
         self.session.correcting = None
         if not result.token_ids and n + (token is not None) > 0:

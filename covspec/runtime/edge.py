@@ -328,7 +328,7 @@ class Edge:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids ends with EOS")
         if any(t >= self.vocab_size for t in msg.committed):
             raise ProtocolError(ErrorCode.OUT_OF_VOCAB, "committed holds an id outside the vocabulary")
-        if any(t in eos for t in msg.committed):
+        if not eos.isdisjoint(msg.committed):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "committed holds EOS (a finished answer is not reopened)")
         if len(msg.committed) >= msg.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"committed holds {len(msg.committed)} tokens, "
@@ -457,7 +457,7 @@ class Edge:
         self._check_last_token(s, msg)
         if committed + len(msg.draft_ids) > s.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {len(msg.draft_ids)} exceeds max_new_tokens")
-        if any(t in self.target.eos_token_ids for t in msg.draft_ids[:-1]):
+        if not self.target.eos_token_ids.isdisjoint(msg.draft_ids[:-1]):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
@@ -541,7 +541,7 @@ class Edge:
         exp = s.expected
         if exp is None and s.sampling and s.seq > 0 and s.verified == 0:  # resuming a correction after a reopen
             exp = Expected(p_row=probs_from_logits(s.last_logits.float(), s.temperature, s.top_p))
-        if exp is None or exp.p_row is None or (not exp.candidates and s.verified > 0):
+        if exp is None or exp.p_row is None:  # MoreCandidates is refused outside covspec sessions already
             raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "MoreCandidates but no candidates are outstanding")
         s.expected = exp
         s.more_requests += 1
