@@ -15,6 +15,7 @@ floating-point nondeterminism.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -56,16 +57,11 @@ def patch_labels(samples: list[Sample], patch: int = 8) -> torch.Tensor:
     Shapes fill one patch-aligned 2x2 block in the centre of their cell (``shapes.SHAPE_SIZE``), so the label
     is exact. Returns [B, P] with P = (IMAGE_SIZE / patch)^2, row-major like the vision tower's patches.
     """
-    side = IMAGE_SIZE // patch
-    labels = torch.zeros(len(samples), side, side, dtype=torch.long)
+    labels = torch.zeros(len(samples), (IMAGE_SIZE // patch) ** 2, dtype=torch.long)
     for b, s in enumerate(samples):
         for shape in s.scene.shapes:
-            row, col = divmod(shape.cell, GRID)
-            top = (row * CELL + CELL // 2 - SHAPE_SIZE // 2) // patch
-            left = (col * CELL + CELL // 2 - SHAPE_SIZE // 2) // patch
-            n = SHAPE_SIZE // patch
-            labels[b, top : top + n, left : left + n] = 1 + PATCH_CLASSES.index((shape.color, shape.kind))
-    return labels.flatten(1)
+            labels[b, shape_patches(shape, patch)] = 1 + PATCH_CLASSES.index((shape.color, shape.kind))
+    return labels
 
 
 class PatchProbe(torch.nn.Module):
@@ -88,6 +84,70 @@ class PatchProbe(torch.nn.Module):
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.features)  # [B, P, C]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def referent(sample: Sample):
+    """The one shape a color / shape / position question asks about, or None (count, describe)."""
+    shapes = sample.scene.shapes
+    if sample.kind == "color":
+        found = [s for s in shapes if f"the {s.kind}?" in sample.question]
+    elif sample.kind == "shape":
+        found = [s for s in shapes if f"the {s.color} object?" in sample.question]
+    elif sample.kind == "position":
+        found = [s for s in shapes if f"the {s.color} {s.kind}?" in sample.question]
+    else:
+        return None
+    if len(found) != 1:
+        raise AssertionError(f"{sample.id}: {len(found)} shapes match {sample.question!r}")
+    return found[0]
+
+
+def shape_patches(shape, patch: int = 8) -> list[int]:
+    """Row-major indices of the visual tokens (patches) that ``shape`` covers."""
+    side = IMAGE_SIZE // patch
+    row, col = divmod(shape.cell, GRID)
+    top = (row * CELL + CELL // 2 - SHAPE_SIZE // 2) // patch
+    left = (col * CELL + CELL // 2 - SHAPE_SIZE // 2) // patch
+    n = SHAPE_SIZE // patch
+    return [(top + i) * side + left + j for i in range(n) for j in range(n)]
+
+
+class AttentionGuide:
+    """Training-only auxiliary loss: one attention head looks at the shape the question is about.
+
+    A color, shape or position question is answered by finding one object among up to four; learnt
+    from the answer loss alone, the toy target kept attending to the wrong object (63% exact match on
+    color questions after 2,800 steps, while it described whole scenes at 97%). The guide supervises
+    head ``head`` of language-model layer ``layer``: at every answer position its attention mass on the
+    referred shape's visual tokens is pushed up (loss ``-log mass``). Only that layer runs eager
+    attention (to expose its weights); the saved checkpoint is unchanged in kind.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, layer: int, head: int = 0) -> None:
+        attn = model.model.language_model.layers[layer].self_attn
+        config = copy.copy(attn.config)
+        config._attn_implementation = "eager"
+        attn.config = config
+        attn.register_forward_hook(self._capture)
+        self.layer, self.head = layer, head
+        self.image_token = model.config.image_token_index
+        self.weights: torch.Tensor | None = None
+
+    def _capture(self, _module, _inputs, output) -> None:
+        self.weights = output[1][:, self.head]  # [B, T, T]
+
+    def loss(self, batch: dict[str, torch.Tensor], samples: list[Sample]) -> torch.Tensor | None:
+        losses = []
+        for b, sample in enumerate(samples):
+            shape = referent(sample)
+            if shape is None:
+                continue
+            image_pos = (batch["input_ids"][b] == self.image_token).nonzero().flatten()
+            cols = image_pos[shape_patches(shape)]
+            rows = (batch["labels"][b, 1:] != -100).nonzero().flatten()
+            mass = self.weights[b][rows][:, cols].sum(-1)
+            losses.append(-torch.log(mass.clamp_min(1e-6)).mean())
+        return torch.stack(losses).mean() if losses else None
 
 
 def collate(processor, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -164,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of random init")
     ap.add_argument("--kind-weights", default=None, help="question-kind mix, e.g. position=0.4,shape=0.3,...")
     ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
+    ap.add_argument("--attn-loss", type=float, default=0.5, help="weight of the attention-guide loss (0: off)")
+    ap.add_argument("--attn-layer", type=int, default=None, help="language-model layer the guide supervises")
     ap.add_argument("--data-offset", type=int, default=0, help="first train-split index (use fresh samples)")
     args = ap.parse_args(argv)
 
@@ -186,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     lr = args.lr or (1.5e-3 if args.role == "target" else 3e-3)
     probe = PatchProbe(model) if args.patch_loss > 0 else None
+    guide = None
+    if args.attn_loss > 0:
+        layers = model.config.text_config.num_hidden_layers
+        guide = AttentionGuide(model, args.attn_layer if args.attn_layer is not None else max(1, layers // 3))
     params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -212,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "data_offset": args.data_offset,
         "kind_weights": mix,
+        "patch_loss": args.patch_loss,
+        "attn_loss": args.attn_loss,
+        "attn_layer": guide.layer if guide is not None else None,
     }
     for step in range(args.steps):
         batch_samples = []
@@ -224,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         loss = model(**batch).loss
         if probe is not None:
             loss = loss + args.patch_loss * probe.loss(patch_labels(batch_samples))
+        guide_loss = guide.loss(batch, batch_samples) if guide is not None else None
+        if guide_loss is not None:
+            loss = loss + args.attn_loss * guide_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            print(f"[{args.role}] step {step} loss {loss.item():.4f} lr {lr_at(step):.2e} "
+            guided = f" guide {guide_loss.item():.3f}" if guide_loss is not None else ""
+            print(f"[{args.role}] step {step} loss {loss.item():.4f}{guided} lr {lr_at(step):.2e} "
                   f"elapsed {time.time() - started:.0f}s", flush=True)  # fmt: skip
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             report = evaluate(model, processor, val)

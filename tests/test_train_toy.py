@@ -1,0 +1,111 @@
+"""The toy pair's training helpers: which shape a question refers to, which visual tokens it covers, and the
+auxiliary losses (per-patch probe, attention guide) that ``pipelines/train_toy.py`` adds to the answer loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from covspec.data.shapes import IMAGE_SIZE, KINDS, make_sample
+from covspec.models import toy
+from pipelines.train_toy import AttentionGuide, PatchProbe, collate, patch_labels, referent, shape_patches
+
+PATCH = toy.PATCH_SIZE
+SIDE = IMAGE_SIZE // PATCH
+
+
+def _lit_patches(sample) -> set[int]:
+    """Row-major indices of the patches with any non-black pixel in the rendered image."""
+    pixels = np.asarray(sample.image()).sum(-1) > 0
+    return {r * SIDE + c for r in range(SIDE) for c in range(SIDE)
+            if pixels[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH].any()}  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_shape_patches_are_exactly_the_drawn_patches(index: int):
+    sample = make_sample("train", index)
+    covered = [set(shape_patches(s, PATCH)) for s in sample.scene.shapes]
+    assert all(len(c) == 4 for c in covered)
+    assert set().union(*covered) == _lit_patches(sample)
+    labels = patch_labels([sample], PATCH)[0]
+    assert {int(i) for i in labels.nonzero().flatten()} == _lit_patches(sample)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_referent_is_the_shape_the_answer_names(kind: str):
+    for index in range(30):
+        sample = make_sample("train", index, kind=kind)
+        shape = referent(sample)
+        if kind in ("count", "describe"):
+            assert shape is None
+            continue
+        assert shape in sample.scene.shapes
+        # the answer states the referent's attributes (the asked one included)
+        assert shape.color in sample.answer and shape.kind in sample.answer
+        if kind == "position":
+            assert sample.answer.endswith(f"in the {shape.position}.")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    toy.TOY_SIZES["tiny-test"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 2,
+                                  "heads": 2, "inter": 64}  # fmt: skip
+    try:
+        return LlavaForConditionalGeneration(toy.toy_config("tiny-test"))
+    finally:
+        del toy.TOY_SIZES["tiny-test"]
+
+
+def test_attention_guide_loss_is_minus_log_mass_on_the_referent(tiny_model):
+    processor = toy.build_processor()
+    samples = [make_sample("train", i, kind=k) for i, k in enumerate(["color", "count", "position"])]
+    batch = collate(processor, samples)
+    guide = AttentionGuide(tiny_model, layer=1)
+    tiny_model(**batch)
+    assert guide.weights is not None and guide.weights.shape[0] == 3
+    # the captured weights are the layer's real attention: rows sum to one
+    assert torch.allclose(guide.weights.sum(-1)[batch["attention_mask"].bool()], torch.ones(()), atol=1e-5)
+
+    # replace the attention by one that puts mass m on the referent's patches at every answer position
+    weights = torch.zeros_like(guide.weights)
+    image_token = tiny_model.config.image_token_index
+    for b, sample in enumerate(samples):
+        image_pos = (batch["input_ids"][b] == image_token).nonzero().flatten()
+        shape = referent(sample)
+        if shape is not None:
+            weights[b, :, image_pos[shape_patches(shape)]] = 0.25 * (0.5 if b == 0 else 0.9)
+    guide.weights = weights
+    expected = (-torch.log(torch.tensor(0.5)) - torch.log(torch.tensor(0.9))) / 2  # count has no referent
+    assert torch.isclose(guide.loss(batch, samples), expected, atol=1e-6)
+    assert guide.loss(batch, [samples[1]] * 3) is None  # nothing to guide
+
+    # and on the real weights the loss is differentiable into the language model
+    tiny_model(**batch)
+    loss = guide.loss(batch, samples)
+    loss.backward()
+    grad = tiny_model.model.language_model.layers[1].self_attn.q_proj.weight.grad
+    assert loss.item() > 0 and grad is not None and grad.abs().sum() > 0
+    # only the guided layer runs eager attention; the model's config (what save_pretrained writes) is untouched
+    assert tiny_model.config.text_config._attn_implementation != "eager"
+    assert tiny_model.model.language_model.layers[0].self_attn.config._attn_implementation != "eager"
+
+
+def test_patch_probe_learns_the_patch_classes(tiny_model):
+    """The probe's loss falls when trained on a fixed batch: the labels are learnable from the tower's features."""
+    processor = toy.build_processor()
+    samples = [make_sample("train", i) for i in range(8)]
+    batch = collate(processor, samples)
+    probe = PatchProbe(tiny_model)
+    opt = torch.optim.Adam(list(tiny_model.parameters()) + list(probe.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        tiny_model.model.vision_tower(batch["pixel_values"])
+        loss = probe.loss(patch_labels(samples, PATCH))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
