@@ -36,10 +36,12 @@ from covspec.data import load_benchmark
 from covspec.inputs import check_question
 from covspec.protocol import Link
 from covspec.runtime.device import Device
+from covspec.runtime.edge_process import EdgeProcess
 from covspec.runtime.engine import LocalEngine, device_settings, link_profile
 from covspec.runtime.transport import InProcessTransport
 
 RTTS_MS = (5.0, 20.0, 50.0, 100.0)
+EDGES = ("process", "thread")
 VARIANTS = ("fixed", "adaptive", "adaptive+branching")
 DEFAULT_BUDGET = 4
 
@@ -53,22 +55,31 @@ def variant_config(cfg: Config, variant: str) -> Config:
     return out
 
 
-def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None) -> dict[str, Any]:
+def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str = "process") -> dict[str, Any]:
     """Every sample through ``target_only`` and every (RTT, variant); returns the per-request rows.
 
     Each (RTT, variant) is one device on its own link that serves every sample in turn, as a phone would: the
-    adaptive policy's estimates carry over from one request to the next (``Device.draft_policy``).
+    adaptive policy's estimates carry over from one request to the next (``Device.draft_policy``). ``edge``:
+    ``process`` verifies in a spawned process (``cluster.edge_threads`` torch threads), so that drafting during a
+    wait really runs in parallel with the verification; ``thread`` verifies on a thread of this process.
     """
+    if edge not in EDGES:
+        raise ValueError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
     engine = LocalEngine.from_config(cfg)
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # shapes by default; any benchmark of docs/benchmarks.md
     base = link_profile(cfg)
+    target = cfg.models.target
+    remote = None
+    if edge == "process":
+        remote = EdgeProcess(target.path, links=len(rtts) * len(VARIANTS), dtype=target.dtype, device=target.device,
+                             threads=cfg.cluster.edge_threads, session_ttl_s=cfg.cluster.session_ttl_s)  # fmt: skip
     devices: dict[tuple[float, str], Device] = {}
     for rtt in rtts:
         for variant in VARIANTS:
             link = Link(dataclasses.replace(base, rtt_ms=rtt), seed=cfg.seed)
             settings = device_settings(variant_config(cfg, variant), "covspec")
-            devices[rtt, variant] = Device(engine.draft, InProcessTransport(engine.edge.handle, link), settings,
-                                           engine.pruner)  # fmt: skip
+            transport = remote.transport(link) if remote else InProcessTransport(engine.edge.handle, link)
+            devices[rtt, variant] = Device(engine.draft, transport, settings, engine.pruner)
     rows: list[dict[str, Any]] = []
     try:
         for i, sample in enumerate(samples):
@@ -87,7 +98,9 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None) -> dict[s
     finally:
         for device in devices.values():
             device.transport.close()
-    return {"rows": rows, "samples": len(samples), "config": cfg, "rtts": list(rtts)}
+        if remote is not None:
+            remote.close()
+    return {"rows": rows, "samples": len(samples), "config": cfg, "rtts": list(rtts), "edge": edge}
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -151,7 +164,7 @@ def print_table(report: dict[str, Any], summary: list[dict[str, Any]], file=None
         f"T={cfg.generation.temperature:g}, fixed gamma={d.gamma}, adaptive gamma in [{d.gamma_min}, {d.gamma_max}], "
         f"threshold {d.threshold:g}, "
         f"budget {cfg.branching.budget or DEFAULT_BUDGET}, jitter {link.jitter_ms:g} ms, "
-        f"compute slowdown {link.compute_slowdown:g}"
+        f"compute slowdown {link.compute_slowdown:g}, edge in a {report.get('edge', 'thread')}"
     )
     for title, _, _ in COLUMNS:
         table.add_column(title, justify="left" if title == "variant" else "right")
@@ -200,7 +213,8 @@ def write(report: dict[str, Any], summary: list[dict[str, Any]], out: Path) -> l
     """JSON, CSV and plot under ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "drafting_bench.json", out / "drafting_bench.csv", out / "drafting_bench.png"]
-    doc = {"config": config_to_dict(report["config"]), "rtts_ms": report["rtts"], "summary": summary,
+    doc = {"config": config_to_dict(report["config"]), "rtts_ms": report["rtts"], "edge": report.get("edge"),
+           "summary": summary,
            "requests": report["rows"]}  # fmt: skip
     paths[0].write_text(json.dumps(doc, indent=1), encoding="utf-8")
     with paths[1].open("w", newline="", encoding="utf-8") as f:
@@ -236,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", nargs="*", help="[CONFIG] [key=value ...]")
     ap.add_argument("--out", default="results/drafting_bench", help="output directory")
     ap.add_argument("--rtts", default=",".join(f"{r:g}" for r in RTTS_MS), help="round-trip times in ms")
+    ap.add_argument("--edge", choices=EDGES, default="process",
+                    help="verify in a spawned process (default: device and edge compute in parallel, as on two "
+                         "machines) or on a thread of this process")  # fmt: skip
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path, overrides = split_config_args(args.config)
     cfg = load_config(path, overrides)
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(done: int, total: int) -> None:
         print(f"sample {done}/{total}", file=sys.stderr, flush=True)
 
-    report = run(cfg, rtts, progress)
+    report = run(cfg, rtts, progress, edge=args.edge)
     summary = summarize(report)
     print_table(report, summary)
     paths = write(report, summary, Path(args.out))

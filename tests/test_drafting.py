@@ -138,6 +138,7 @@ def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, caps
     argv = ["data.limit=1", "tracking.enabled=false", "threads=1", "--rtts", "5", "--out", str(tmp_path)]
     assert drafting_bench.main(argv) == 0
     doc = json.loads((tmp_path / "drafting_bench.json").read_text())
+    assert doc["edge"] == "process"  # the default: the edge verifies in a process of its own
     assert {row["variant"] for row in doc["summary"]} == {"fixed", "adaptive", "adaptive+branching"}
     assert all(row["identical_to_target_only"] == 1.0 for row in doc["summary"]), doc["summary"]
     assert (tmp_path / "drafting_bench.png").stat().st_size > 0
