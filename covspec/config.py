@@ -270,12 +270,18 @@ class PruningConfig(_Section):
     """Fraction of visual tokens kept, in (0, 1]."""
     weights: ScoreWeights = field(default_factory=ScoreWeights)
     """Score weights for the ``joint`` pruner."""
+    merge: bool = True
+    """Merge instead of dropping: each dropped visual token is assigned to its most similar kept one, and the draft
+    attends to a kept token as to that many copies (proportional attention). Training-free; the draft only: with
+    ``prune_target`` neither model merges, so that both see the same tokens. With ``joint`` it also switches the
+    selection from stratified to greedy (docs/pruning.md)."""
     prune_target: bool = False
     """Also prune the target's visual tokens (an ablation; output is then no longer target-exact)."""
 
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "method"), self.method, PRUNING_METHODS)
         _check_number(_join(prefix, "keep_ratio"), self.keep_ratio, 0, 1, low_open=True)
+        _check_bool(_join(prefix, "merge"), self.merge)
         _check_bool(_join(prefix, "prune_target"), self.prune_target)
 
 

@@ -104,7 +104,7 @@ class FakeDraft:
         ids = torch.tensor(PROMPT)
         return PromptInputs(ids, torch.zeros(1, 3, 4, 4), torch.tensor([True, False, False]))
 
-    def prefill(self, inputs, keep=None):
+    def prefill(self, inputs, keep=None, counts=None):
         state = DecodeState(DynamicCache(), 0)
         return state, self.forward(state, inputs.input_ids)[-1]
 

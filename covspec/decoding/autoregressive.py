@@ -37,10 +37,12 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     keep: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> Generation:
-    """Decode up to ``max_new_tokens`` tokens one KV-cached step at a time."""
+    """Decode up to ``max_new_tokens`` tokens one KV-cached step at a time (``keep``/``counts``: a pruned, possibly
+    merged prefill, ``VLMAdapter.prefill``)."""
     start = time.perf_counter()
-    state, logits = adapter.prefill(inputs, keep=keep)
+    state, logits = adapter.prefill(inputs, keep=keep, counts=counts)
     tokens: list[int] = []
     steps: list[float] = []
     ttft = 0.0

@@ -44,10 +44,42 @@ class DecodeState:
     cache: Any  # transformers Cache
     seq_len: int  # logical positions consumed so far (next position id)
     pruned: int = 0  # visual tokens dropped at prefill: cache_len == seq_len - pruned
+    key_bias: torch.Tensor | None = None
+    """[n] additive attention bias on the first n cache entries (the prefilled prompt): log of how many visual tokens
+    each kept one stands for when pruning merges (``covspec.pruning.merge``), 0 on text; None: no bias."""
 
     @property
     def cache_len(self) -> int:
         return self.seq_len - self.pruned
+
+
+def biased_causal_mask(key_bias: torch.Tensor, past: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-D additive attention mask [1, 1, k, past + k] for k new tokens after ``past`` cache entries.
+
+    Causal among the new tokens; every past entry visible, the first ``len(key_bias)`` of them (and of the new ones,
+    at prefill, where past = 0) shifted by ``key_bias``. transformers passes a 4-D mask to the attention as is.
+    """
+    total = past + k
+    bias = torch.zeros(total, dtype=dtype, device=key_bias.device)
+    n = min(int(key_bias.shape[0]), total)
+    bias[:n] = key_bias[:n].to(dtype)
+    mask = bias.expand(k, total).clone()
+    future = torch.ones(k, k, dtype=torch.bool, device=key_bias.device).triu(1)
+    mask[:, past:] = mask[:, past:].masked_fill(future, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def merge_bias(inputs: PromptInputs, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[len(rows)] key bias of a pruned prompt: log(count) at each kept visual row (``counts`` in kept order), 0 on
+    text rows. ``rows`` are the kept sequence positions (``LlavaAdapter.kept_positions``)."""
+    visual = inputs.image_mask[rows]
+    if int(visual.sum()) != int(counts.shape[0]):
+        raise ValueError(f"counts has {int(counts.shape[0])} entries for {int(visual.sum())} kept visual tokens")
+    if bool((counts < 1).any()):
+        raise ValueError("every kept visual token stands for at least itself: counts must be >= 1")
+    bias = torch.zeros(int(rows.shape[0]), dtype=torch.float32, device=rows.device)
+    bias[visual] = torch.log(counts.to(torch.float32).to(rows.device))
+    return bias
 
 
 def eos_id_list(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
@@ -90,12 +122,18 @@ class VLMAdapter(Protocol):
         """Prompt embeddings with visual tokens written in: [L, H]."""
         ...
 
-    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[DecodeState, torch.Tensor]:
+    def prefill(
+        self, inputs: PromptInputs, keep: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
         """Prefill the prompt, keeping only visual positions in ``keep`` (all if None).
 
         Args:
             inputs: the prompt.
             keep: [n_kept] sorted indices into the visual tokens (0..N-1) to keep.
+            counts: [n_kept] how many visual tokens each kept one stands for (>= 1), or None. Every later query
+                then attends to a kept token as to ``count`` copies of it (an additive log-count bias on its key,
+                kept in ``DecodeState.key_bias`` for the decode steps): proportional attention, which gives the
+                dropped tokens' attention mass to their representatives.
 
         Returns:
             The new state and the logits at the last prompt position: [V].

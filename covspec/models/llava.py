@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, eos_id_list
+from covspec.models.base import DecodeState, PromptInputs, biased_causal_mask, eos_id_list, merge_bias
 
 
 class LlavaAdapter:
@@ -102,9 +102,13 @@ class LlavaAdapter:
         return embeds
 
     @torch.inference_mode()
-    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[DecodeState, torch.Tensor]:
+    def prefill(
+        self, inputs: PromptInputs, keep: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
         cache = DynamicCache(config=self.model.config)
         length = int(inputs.input_ids.shape[0])
+        if counts is not None and keep is None:
+            raise ValueError("counts need keep: they weight the kept visual tokens")
         if keep is None:
             out = self.model(
                 input_ids=inputs.input_ids[None],
@@ -116,14 +120,16 @@ class LlavaAdapter:
             return DecodeState(cache=cache, seq_len=length), out.logits[0, -1]
         positions = self.kept_positions(inputs, keep)  # [L_kept]
         embeds = self.embed(inputs)[positions]
+        bias = None if counts is None else merge_bias(inputs, positions, counts)
         out = self.model(
             inputs_embeds=embeds[None],
             position_ids=positions[None],
+            attention_mask=None if bias is None else biased_causal_mask(bias, 0, len(positions), embeds.dtype),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        state = DecodeState(cache=cache, seq_len=length, pruned=length - int(positions.shape[0]))
+        state = DecodeState(cache=cache, seq_len=length, pruned=length - int(positions.shape[0]), key_bias=bias)
         return state, out.logits[0, -1]
 
     @torch.inference_mode()
@@ -176,11 +182,23 @@ class LlavaAdapter:
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=position_ids,
+            attention_mask=self._step_mask(state, k),
             cache=state.cache,
             use_cache=True,
         )
         state.seq_len += k
         return out.logits[0]
+
+    def _step_mask(self, state: DecodeState, k: int) -> torch.Tensor | None:
+        """The 4-D mask of a decode step on a merged-pruned state (None otherwise: the plain causal mask)."""
+        if state.key_bias is None:
+            return None
+        return biased_causal_mask(state.key_bias, state.cache_len, k, self.model.dtype)
+
+    @staticmethod
+    def _no_bias(states: list[DecodeState]) -> None:
+        if any(s.key_bias is not None for s in states):
+            raise ValueError("batched forwards do not take merged-pruned states (key_bias); forward them one by one")
 
     @torch.inference_mode()
     def forward_batch(self, states: list[DecodeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -197,6 +215,7 @@ class LlavaAdapter:
         """
         if len(states) == 1 and len(token_ids) == 1:
             return [self.forward(states[0], token_ids[0])]
+        self._no_bias(states)
         b = kvcache.pad_batch(states, token_ids, self.model.config, self.device,
                       lambda s, k: torch.arange(s.seq_len, s.seq_len + k, device=self.device))  # fmt: skip
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, cache=b.cache,

@@ -80,9 +80,11 @@ class LlavaNextAdapter(LlavaAdapter):
         return inputs.visual_features
 
     @torch.inference_mode()
-    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[DecodeState, torch.Tensor]:
-        if keep is not None:
-            state, logits = super().prefill(inputs, keep)  # kept positions' embeddings, original position ids
+    def prefill(
+        self, inputs: PromptInputs, keep: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
+        if keep is not None or counts is not None:
+            state, logits = super().prefill(inputs, keep, counts)  # kept positions' embeddings, original position ids
             return state, logits[: self.vocab_size]
         cache = DynamicCache(config=self.model.config)
         out = self.model(**self.model_inputs(inputs), cache=cache, use_cache=True, logits_to_keep=1)

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, eos_id_list
+from covspec.models.base import DecodeState, PromptInputs, biased_causal_mask, eos_id_list, merge_bias
 from covspec.models.llava import LlavaAdapter
 
 
@@ -161,10 +161,15 @@ class Qwen2VLAdapter:
         return embeds
 
     @torch.inference_mode()
-    def prefill(self, inputs: PromptInputs, keep: torch.Tensor | None = None) -> tuple[MRopeState, torch.Tensor]:
+    def prefill(
+        self, inputs: PromptInputs, keep: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[MRopeState, torch.Tensor]:
         cache = DynamicCache(config=self.model.config)
         length = int(inputs.input_ids.shape[0])
         positions, rope_delta = self.mrope(inputs)  # [3, L], int
+        if counts is not None and keep is None:
+            raise ValueError("counts need keep: they weight the kept visual tokens")
+        bias = None
         if keep is None:
             kwargs = self.model_inputs(inputs)
             del kwargs["mm_token_type_ids"]  # only used to derive positions, which we pass
@@ -172,15 +177,18 @@ class Qwen2VLAdapter:
             kept = length
         else:
             rows = LlavaAdapter.kept_positions(inputs, keep)  # [L_kept] sequence indices
+            embeds = self.embed(inputs)[rows]
+            bias = None if counts is None else merge_bias(inputs, rows, counts)
             out = self.model(
-                inputs_embeds=self.embed(inputs)[rows][None],
+                inputs_embeds=embeds[None],
                 position_ids=positions[:, rows][:, None],  # [3, 1, L_kept]: original positions, gaps allowed
+                attention_mask=None if bias is None else biased_causal_mask(bias, 0, len(rows), embeds.dtype),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
             kept = int(rows.shape[0])
-        state = MRopeState(cache=cache, seq_len=length, pruned=length - kept, rope_delta=rope_delta)
+        state = MRopeState(cache=cache, seq_len=length, pruned=length - kept, key_bias=bias, rope_delta=rope_delta)
         return state, out.logits[0, -1, : self.vocab_size]
 
     def _positions(self, state: MRopeState, k: int) -> torch.Tensor:
@@ -194,6 +202,9 @@ class Qwen2VLAdapter:
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=self._positions(state, k).expand(3, 1, k),
+            attention_mask=None
+            if state.key_bias is None
+            else biased_causal_mask(state.key_bias, state.cache_len, k, self.model.dtype),
             cache=state.cache,
             use_cache=True,
         )
@@ -212,6 +223,7 @@ class Qwen2VLAdapter:
         """
         if len(states) == 1 and len(token_ids) == 1:
             return [self.forward(states[0], token_ids[0])]
+        LlavaAdapter._no_bias(states)
         b = kvcache.pad_batch(states, token_ids, self.model.config, self.device, self._positions)
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions.expand(3, -1, -1),
                          cache=b.cache, use_cache=True)  # fmt: skip

@@ -30,7 +30,15 @@ from covspec.errors import ConfigError
 from covspec.models.base import PromptInputs, VLMAdapter
 from covspec.pruning import scores as S
 from covspec.pruning.probe import probe_attention, question_embeddings, question_rows, visual_positions
-from covspec.pruning.select import greedy_diverse, num_kept, stratified_top, top_k, uniform_grid, weighted_sum
+from covspec.pruning.select import (
+    greedy_diverse,
+    num_kept,
+    representation_counts,
+    stratified_top,
+    top_k,
+    uniform_grid,
+    weighted_sum,
+)
 
 SCORE_NAMES = ("relevance", "activity", "lowrank")
 RELEVANCE_KINDS = ("attention", "embedding")
@@ -59,6 +67,11 @@ class Pruner(Protocol):
         """[k] sorted distinct indices into the visual tokens 0..N-1, or None to keep every token."""
         ...
 
+    def counts(self, adapter: VLMAdapter, inputs: PromptInputs, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """[k] how many visual tokens each kept one stands for, for the draft's proportional attention
+        (``VLMAdapter.prefill(..., counts=)``); None when the pruner does not merge or keeps everything."""
+        ...
+
 
 def _check_ratio(keep_ratio: float, keep_count: int | None) -> None:
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, int | float) or not math.isfinite(keep_ratio):
@@ -70,14 +83,22 @@ def _check_ratio(keep_ratio: float, keep_count: int | None) -> None:
 
 
 class _Pruner:
-    """Shared plumbing: keep-count arithmetic and the identity shortcut."""
+    """Shared plumbing: keep-count arithmetic, the identity shortcut and merging.
+
+    ``merge``: the dropped tokens are not simply lost: each is assigned to its most similar kept token
+    (``select.representation_counts``) and the draft attends to a kept token as to that many copies of it
+    (``counts``, applied by the adapter's prefill as a log-count key bias). Training-free; docs/pruning.md.
+    """
 
     name = "base"
 
-    def __init__(self, keep_ratio: float = 1.0, keep_count: int | None = None) -> None:
+    def __init__(self, keep_ratio: float = 1.0, keep_count: int | None = None, merge: bool = False) -> None:
         _check_ratio(keep_ratio, keep_count)
+        if not isinstance(merge, bool):
+            raise ValueError(f"merge must be true or false, got {merge!r}")
         self.keep_ratio = float(keep_ratio)
         self.keep_count = keep_count
+        self.merge = merge
 
     def count(self, num_tokens: int) -> int:
         return num_kept(num_tokens, self.keep_ratio, self.keep_count)
@@ -91,12 +112,18 @@ class _Pruner:
         assert keep.shape == (k,), (self.name, keep.shape, k)
         return keep
 
+    @torch.inference_mode()
+    def counts(self, adapter: VLMAdapter, inputs: PromptInputs, keep: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.merge or keep is None:
+            return None
+        return representation_counts(adapter.visual_features(inputs), keep)
+
     def _choose(self, adapter: VLMAdapter, inputs: PromptInputs, n: int, k: int) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         amount = f"keep_count={self.keep_count}" if self.keep_count is not None else f"keep_ratio={self.keep_ratio:g}"
-        return f"{type(self).__name__}({amount})"
+        return f"{type(self).__name__}({amount}{', merge=True' if self.merge else ''})"
 
 
 class JointPruner(_Pruner):
@@ -137,8 +164,9 @@ class JointPruner(_Pruner):
         ridge: float = S.DEFAULT_RIDGE,
         selection: str = "stratified",
         diversity: float = 1.0,
+        merge: bool = False,
     ) -> None:
-        super().__init__(keep_ratio, keep_count)
+        super().__init__(keep_ratio, keep_count, merge)
         weights = dict(zip(SCORE_NAMES, (1.0, 0.5, 0.5), strict=True) if weights is None else weights)
         if set(weights) != set(SCORE_NAMES):
             raise ValueError(f"weights must have exactly the keys {', '.join(SCORE_NAMES)}, got {sorted(weights)}")
@@ -199,8 +227,10 @@ class RandomPruner(_Pruner):
 
     name = "random"
 
-    def __init__(self, keep_ratio: float = 1.0, keep_count: int | None = None, seed: int = 0) -> None:
-        super().__init__(keep_ratio, keep_count)
+    def __init__(
+        self, keep_ratio: float = 1.0, keep_count: int | None = None, seed: int = 0, merge: bool = False
+    ) -> None:
+        super().__init__(keep_ratio, keep_count, merge)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _choose(self, adapter: VLMAdapter, inputs: PromptInputs, n: int, k: int) -> torch.Tensor:
@@ -222,8 +252,10 @@ class AttentionPruner(_Pruner):
 
     name = "attention"
 
-    def __init__(self, keep_ratio: float = 1.0, keep_count: int | None = None, layer: int = 2) -> None:
-        super().__init__(keep_ratio, keep_count)
+    def __init__(
+        self, keep_ratio: float = 1.0, keep_count: int | None = None, layer: int = 2, merge: bool = False
+    ) -> None:
+        super().__init__(keep_ratio, keep_count, merge)
         self.layer = layer
 
     @torch.inference_mode()
@@ -260,9 +292,14 @@ def build_pruner(cfg: PruningConfig, seed: int = 0) -> Pruner | None:
     try:
         if cfg.method == "joint":
             w = cfg.weights
-            return JointPruner(cfg.keep_ratio, {"relevance": w.relevance, "activity": w.activity, "lowrank": w.lowrank})
+            weights = {"relevance": w.relevance, "activity": w.activity, "lowrank": w.lowrank}
+            # Merging hands the dropped tokens' attention to their representatives, so the selection can keep the
+            # informative and mutually distinct tokens (greedy); without it the kept set itself must stay spatially
+            # representative (stratified). Measured: docs/pruning.md.
+            selection = "greedy" if cfg.merge else "stratified"
+            return JointPruner(cfg.keep_ratio, weights, selection=selection, merge=cfg.merge)
         if cfg.method == "random":
-            return RandomPruner(cfg.keep_ratio, seed=seed)
-        return PRUNERS[cfg.method](cfg.keep_ratio)
+            return RandomPruner(cfg.keep_ratio, seed=seed, merge=cfg.merge)
+        return PRUNERS[cfg.method](cfg.keep_ratio, merge=cfg.merge)
     except ValueError as err:
         raise ConfigError(f"pruning: {err}") from None

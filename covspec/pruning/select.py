@@ -152,3 +152,17 @@ def stratified_top(scores: torch.Tensor, k: int, grid: tuple[int, int] | None = 
     first = torch.ones(n, dtype=torch.bool)
     first[1:] = grouped[1:] != grouped[:-1]
     return order[first].sort().values
+
+
+def representation_counts(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[k] how many visual tokens each kept token stands for: itself, plus every dropped token whose most
+    cosine-similar kept token it is (ToMe-style assignment; ties go to the first kept token). Sums to N.
+
+    Args:
+        features: [N, H] the visual tokens (the draft's projected features).
+        keep: [k] distinct indices into 0..N-1.
+    """
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    owner = (unit @ unit[keep].T).argmax(dim=-1)  # [N]: index into keep
+    owner[keep] = torch.arange(int(keep.shape[0]), device=owner.device)  # a kept token represents itself
+    return torch.bincount(owner, minlength=int(keep.shape[0])).to(torch.float32)

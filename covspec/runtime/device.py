@@ -215,6 +215,7 @@ class Device:
         self._busy = 0.0
         self._idle = 0.0
         self._timing = (0.0, 0.0)  # (pruner_s, vision tower share of the prefill) of the request in progress
+        self._counts: torch.Tensor | None = None  # the pruner's merge counts for the request in progress
         self.draft_policy = None  # adaptive drafting: its estimates carry over to this device's next requests
         self.session: EdgeSession | None = None  # the request in progress's session at the edge
         self._streamed: list[int] = []  # target_only: tokens received so far
@@ -297,8 +298,9 @@ class Device:
         """``keep`` if given, else the pruner's choice. The vision tower, which the prefill needs anyway, runs first
         and is counted as prefill; the scoring and selection are the pruner's overhead. Both are busy time."""
         self._timing = (0.0, 0.0)
+        self._counts = None
         if keep is not None or self.pruner is None:
-            return keep
+            return keep  # a caller's keep is used as is (no merging)
         n = inputs.num_visual_tokens
         if self.pruner.count(n) >= n:
             return None
@@ -307,12 +309,14 @@ class Device:
         vision = time.perf_counter() - t
         t = time.perf_counter()
         keep = self._compute(self.pruner.select, self.draft, inputs)
+        if not self.settings.prune_target:  # the lossy mode's target gets the kept tokens alone: so does the draft
+            self._counts = self._compute(self.pruner.counts, self.draft, inputs, keep)  # None unless it merges
         self._timing = (time.perf_counter() - t, vision)
         return keep
 
     def _prefill(self, inputs: PromptInputs, keep: torch.Tensor | None) -> tuple[DecodeState, torch.Tensor, float]:
         t = time.perf_counter()
-        state, logits = self._compute(self.draft.prefill, inputs, keep)
+        state, logits = self._compute(self.draft.prefill, inputs, keep, self._counts)
         return state, logits, time.perf_counter() - t + self._timing[1]
 
     # -- methods -------------------------------------------------------------------------------
@@ -336,7 +340,8 @@ class Device:
         keep = self._prune(inputs, keep)
         pruning = time.perf_counter() - start  # part of this request's compute: latency counts it
         gen = torch.Generator().manual_seed(s.seed)
-        out = self._compute(generate, self.draft, inputs, s.max_new_tokens, s.temperature, s.top_p, gen, keep)
+        out = self._compute(generate, self.draft, inputs, s.max_new_tokens, s.temperature, s.top_p, gen, keep,
+                            self._counts)  # fmt: skip
         return RequestResult("draft_only", out.token_ids, self.draft.decode(out.token_ids), out.latency_s + pruning,
                              out.ttft_s + pruning, device_busy_s=self._busy, visual_tokens=inputs.num_visual_tokens,
                              visual_tokens_kept=inputs.num_visual_tokens if keep is None else len(keep),
