@@ -56,22 +56,27 @@ class Variant:
     method: str
     keep_ratio: float
     lossy: bool = False
+    merge: bool = False
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     timing: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return f"{self.method}{' (lossy)' if self.lossy and self.method != 'none' else ''}"
+        if self.method == "none":
+            return "none"
+        return f"{self.method}{'+merge' if self.merge else ''}{' (lossy)' if self.lossy else ''}"
 
     def config(self, cfg: Config) -> Config:
-        overrides = {"method": self.method, "keep_ratio": self.keep_ratio}
+        overrides = {"method": self.method, "keep_ratio": self.keep_ratio, "merge": self.merge}
         return dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, **overrides))
 
 
-def variants(cfg: Config, ratios: list[float], methods: list[str]) -> list[Variant]:
+def variants(cfg: Config, ratios: list[float], methods: list[str], merges: tuple[bool, ...] = (True,)) -> list[Variant]:
+    """``none`` at 1.0, then every (keep ratio < 1, merge, pruner). The lossy mode never merges."""
     lossy = cfg.pruning.prune_target
+    merges = (False,) if lossy else merges
     out = [Variant("none", 1.0, lossy)]
-    out += [Variant(m, r, lossy) for r in ratios if r < 1 for m in methods]
+    out += [Variant(m, r, lossy, merge) for r in ratios if r < 1 for merge in merges for m in methods]
     return out
 
 
@@ -118,10 +123,12 @@ def time_variants(engine_for, variants_: list[Variant], samples, repeats: int = 
                     draft.visual_features(inputs)  # the pruned prefill reuses it
                     t1 = time.perf_counter()
                     keep = pruner.select(draft, inputs)
+                    counts = None if v.lossy else pruner.counts(draft, inputs, keep)
                     t2 = time.perf_counter()
                 else:
                     t1 = t2 = t0
-                state, _ = draft.prefill(inputs, keep)
+                    counts = None
+                state, _ = draft.prefill(inputs, keep, counts)
                 t3 = time.perf_counter()
                 token = torch.tensor([draft.eos_token_id + 1])
                 step = []
@@ -151,6 +158,7 @@ def summarize(variants_: list[Variant]) -> list[dict[str, Any]]:
         summary = {
             "method": v.label,
             "pruner": v.method,
+            "merge": v.merge,
             "keep_ratio": v.keep_ratio,
             "lossy": v.lossy and v.method != "none",
             "samples": len(rows),
@@ -178,11 +186,13 @@ def summarize(variants_: list[Variant]) -> list[dict[str, Any]]:
     return out
 
 
-def goals(summary: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goals, checked on this run's numbers (None when a needed variant did not run)."""
+def goals(summary: list[dict[str, Any]], merge: bool = True) -> dict[str, Any]:
+    """The issue's goals, checked on this run's numbers for the rows with ``merge`` (the configured mode; every
+    pruner compared in the same mode). Absent when a needed variant did not run."""
 
     def find(method: str, ratio: float) -> dict[str, Any] | None:
-        return next((s for s in summary if s["pruner"] == method and s["keep_ratio"] == ratio), None)
+        rows = [s for s in summary if s["pruner"] == method and s["keep_ratio"] == ratio]
+        return next((s for s in rows if s["merge"] == merge or method == "none"), None)
 
     out: dict[str, Any] = {}
     j25, j10 = find("joint", 0.25), find("joint", 0.1)
@@ -198,10 +208,11 @@ def goals(summary: list[dict[str, Any]]) -> dict[str, Any]:
                     j10["mean_accepted_length"] - o["mean_accepted_length"]
                 )
     ratios = sorted({s["keep_ratio"] for s in summary}, reverse=True)
-    for method in {s["pruner"] for s in summary} - {"none"}:
+    for method in sorted({s["pruner"] for s in summary} - {"none"}):
         curve = [(find(method, r) or find("none", r) or {}).get("draft_prefill_ms") for r in ratios]
         if None not in curve:
-            out[f"{method}: draft prefill ms at keep {ratios}"] = [round(c, 3) for c in curve]
+            name = f"{method}{'+merge' if merge else ''}"
+            out[f"{name}: draft prefill ms at keep {ratios}"] = [round(c, 3) for c in curve]
     ident = [s["identical_to_target_only"] for s in summary if not s["lossy"]]
     if ident:
         out["greedy identical to target_only (non-lossy rows)"] = min(ident)
@@ -239,10 +250,10 @@ def plot(summary: list[dict[str, Any]], key: str, ylabel: str, path: Path, title
 
     base = summary[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in dict.fromkeys(s["pruner"] for s in summary[1:]):
-        points = [(s["keep_ratio"], s[key]) for s in [base, *summary] if s is base or s["pruner"] == method]
+    for method in dict.fromkeys(s["method"] for s in summary[1:]):
+        points = [(s["keep_ratio"], s[key]) for s in [base, *summary] if s is base or s["method"] == method]
         points = sorted(p for p in points if p[1] is not None)
-        label = next(s["method"] for s in summary if s["pruner"] == method)
+        label = method
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xscale("log")
     ratios = sorted({s["keep_ratio"] for s in summary})
@@ -274,22 +285,27 @@ def write_outputs(summary: list[dict[str, Any]], report: dict[str, Any], out_dir
     return [csv_path, json_path, acc_png, pre_png]
 
 
-def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: int = 4, progress=None) -> dict:
-    """The whole evaluation; returns the report (summary rows, goals, per-sample rows, config)."""
+def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: int = 4, progress=None,
+        merges: tuple[bool, ...] | None = None) -> dict:  # fmt: skip
+    """The whole evaluation; returns the report (summary rows, goals, per-sample rows, config).
+
+    ``merges``: which of merging / keep-only to run for every pruner (default: the configured ``pruning.merge``).
+    """
+    merges = (cfg.pruning.merge,) if merges is None else merges
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=0.0))
     base = LocalEngine.from_config(dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, method="none")))
     edge = Edge(base.target)
-    engines: dict[tuple[str, float], LocalEngine] = {}
+    engines: dict[tuple[str, float, bool], LocalEngine] = {}
 
     def engine_for(v: Variant) -> LocalEngine:
-        key = (v.method, v.keep_ratio)
+        key = (v.method, v.keep_ratio, v.merge)
         if key not in engines:
             vcfg = v.config(cfg)
             engines[key] = LocalEngine(vcfg, base.target, base.draft, edge, build_pruner(vcfg.pruning, cfg.seed))
         return engines[key]
 
-    vs = variants(cfg, ratios, methods)
+    vs = variants(cfg, ratios, methods, merges)
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # shapes by default; any benchmark of docs/benchmarks.md
     evaluate(engine_for, vs, samples, progress)
     time_variants(engine_for, vs, samples[: max(1, timing_samples)])
@@ -297,7 +313,7 @@ def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: in
     return {
         "samples": len(samples),
         "summary": summary,
-        "goals": goals(summary),
+        "goals": goals(summary, cfg.pruning.merge and not cfg.pruning.prune_target),
         "rows": {v.label + f"@{v.keep_ratio:g}": v.rows for v in vs},
         "timing_s": {v.label + f"@{v.keep_ratio:g}": v.timing for v in vs},
         "config": dataclasses.asdict(cfg),
@@ -317,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated keep ratios")
     ap.add_argument("--pruners", default=",".join(METHODS), help="comma-separated pruners")
     ap.add_argument("--timing-samples", type=int, default=4, help="samples of the isolated timing benchmark")
+    ap.add_argument("--merge", choices=("config", "both"), default="both",
+                    help="every pruner merging and keep-only side by side, or as pruning.merge says")  # fmt: skip
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path, overrides = split_config_args(args.config_args)
@@ -330,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prune_eval: error: {err}", file=sys.stderr)
         return 2
     with tracking.start_run(cfg, "prune_eval", tags={"pipeline": "prune_eval"}):
-        n_variants = 1 + len(methods) * sum(r < 1 for r in ratios)
+        merges = (True, False) if args.merge == "both" else (cfg.pruning.merge,)
+        n_variants = 1 + len(methods) * len(merges) * sum(r < 1 for r in ratios)
         with Progress(console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"prune_eval ({n_variants} variants)", total=cfg.data.limit)
-            report = run(cfg, ratios, methods, args.timing_samples, progress=lambda: progress.advance(task))
+            report = run(cfg, ratios, methods, args.timing_samples, progress=lambda: progress.advance(task),
+                         merges=merges)  # fmt: skip
         summary = report["summary"]
         lossy = " [LOSSY: the target is pruned too]" if cfg.pruning.prune_target else ""
         where = f"{report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}"
@@ -344,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_outputs(summary, report, args.out)
         print(f"wrote {', '.join(str(p) for p in paths)}")
         for s in summary:
-            prefix = f"{s['pruner']}{'_lossy' if s['lossy'] else ''}.{s['keep_ratio']:g}."
+            mode = f"{'_merge' if s['merge'] else ''}{'_lossy' if s['lossy'] else ''}"
+            prefix = f"{s['pruner']}{mode}.{s['keep_ratio']:g}."
             tracking.log_metrics({k: v for k, v in s.items() if k not in ("method", "pruner")}, prefix=prefix)
         for p in paths:
             tracking.log_artifact(p)

@@ -345,10 +345,14 @@ def test_prune_eval_pipeline_end_to_end(tmp_path):
             "joint,uniform", "--timing-samples", "1", "--out", str(tmp_path)]  # fmt: skip
     assert prune_eval.main(argv) == 0
     rows = (tmp_path / "prune_eval.csv").read_text().splitlines()
-    assert rows[0].startswith("method,pruner,keep_ratio") and len(rows) == 1 + 3  # none, joint, uniform
+    assert rows[0].startswith("method,pruner,merge,keep_ratio") and len(rows) == 1 + 5  # none, 2 pruners x merge
     report = json.loads((tmp_path / "prune_eval.json").read_text())
-    joint = next(s for s in report["summary"] if s["pruner"] == "joint")
-    assert joint["visual_tokens_kept"] == 36 and joint["identical_to_target_only"] == 1.0
-    assert joint["pruner_ms"] > 0 and joint["draft_prefill_ms"] > 0
+    labels = [s["method"] for s in report["summary"]]
+    assert labels == ["none", "joint+merge", "uniform+merge", "joint", "uniform"]
+    for merge in (True, False):
+        joint = next(s for s in report["summary"] if s["pruner"] == "joint" and s["merge"] is merge)
+        assert joint["visual_tokens_kept"] == 36 and joint["identical_to_target_only"] == 1.0
+        assert joint["pruner_ms"] > 0 and joint["draft_prefill_ms"] > 0
+    assert "joint@0.25 accepted length vs unpruned >= 95%" in report["goals"]  # checked on the merging rows
     assert (tmp_path / "accepted_length_vs_keep_ratio.png").stat().st_size > 0
     assert prune_eval.main(["--pruners", "fastv"]) == 2
