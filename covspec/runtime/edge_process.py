@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import queue
 import threading
 from multiprocessing.connection import Connection
 
 from covspec.models.loading import resolve_path
-from covspec.protocol import Link, TrafficCounter, decode, encode
-from covspec.protocol.messages import DOWN_MESSAGES, Message
-from covspec.runtime.transport import _DelayLine
+from covspec.protocol import Link, TrafficCounter, decode
+from covspec.protocol.messages import DOWN_MESSAGES
+from covspec.runtime.transport import LinkEnds
 
 START_TIMEOUT_S = 300.0
 
@@ -146,17 +145,13 @@ class EdgeProcess:
         self.close()
 
 
-class PipeTransport:
+class PipeTransport(LinkEnds):
     """A device's link to an ``EdgeProcess``: the emulated link's delays, then a pipe; bytes counted per frame."""
 
     def __init__(self, conn: Connection, link: Link, traffic: TrafficCounter | None = None) -> None:
-        self.link = link
-        self.traffic = traffic or TrafficCounter()
         self._conn = conn
         self._closed = False
-        self._device_inbox: queue.Queue[bytes] = queue.Queue()
-        self._up = _DelayLine(self._to_edge, "link-up")
-        self._down = _DelayLine(self._device_inbox.put, "link-down")
+        super().__init__(link, traffic, self._to_edge)
         self._reader = threading.Thread(target=self._read, name="link-reader", daemon=True)
         self._reader.start()
 
@@ -171,26 +166,10 @@ class PipeTransport:
             except (EOFError, OSError):
                 return
             try:
-                self.traffic.record("down", decode(payload, expected=DOWN_MESSAGES), len(payload))
+                msg_type: object = decode(payload, expected=DOWN_MESSAGES)
             except Exception:
-                self.traffic.record("down", "undecodable", len(payload))  # recv() raises the decode error
-            self._down.put(payload, self.link.transfer_time("down", len(payload)))
-
-    def send(self, msg: Message) -> None:
-        payload = encode(msg)
-        self.traffic.record("up", msg, len(payload))
-        self._up.put(payload, self.link.transfer_time("up", len(payload)))
-
-    def send_raw(self, payload: bytes) -> None:
-        """Put arbitrary bytes on the uplink (for tests of the edge's handling of bad frames)."""
-        self._up.put(payload, self.link.transfer_time("up", len(payload)))
-
-    def recv(self, timeout: float | None = None) -> Message:
-        try:
-            payload = self._device_inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no reply from the edge within {timeout} s") from None
-        return decode(payload, expected=DOWN_MESSAGES)
+                msg_type = "undecodable"  # recv() raises the decode error
+            self._reply(msg_type, payload)
 
     def close(self) -> None:
         if self._closed:

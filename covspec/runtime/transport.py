@@ -82,25 +82,16 @@ class _DelayLine:
         self._thread.join(timeout=5)
 
 
-class InProcessTransport:
-    """A device's link to an edge in the same process, the edge computing on its own thread.
+class LinkEnds:
+    """What a transport over an emulated link needs on the device's side: both delay lines, byte counting per
+    frame, and the device's inbox. ``deliver_up`` takes a frame off the uplink once its delay has passed."""
 
-    Args:
-        handler: the edge's frame handler (``Edge.handle``), yielding (message, frame) replies.
-        link: the emulated link of this device.
-        traffic: where to count bytes (a new counter by default).
-    """
-
-    def __init__(self, handler: EdgeHandler, link: Link, traffic: TrafficCounter | None = None) -> None:
+    def __init__(self, link: Link, traffic: TrafficCounter | None, deliver_up: Callable[[bytes], None]) -> None:
         self.link = link
         self.traffic = traffic or TrafficCounter()
-        self._handler = handler
-        self._edge_inbox: queue.Queue[bytes | None] = queue.Queue()
         self._device_inbox: queue.Queue[bytes] = queue.Queue()
-        self._up = _DelayLine(self._edge_inbox.put, "link-up")
+        self._up = _DelayLine(deliver_up, "link-up")
         self._down = _DelayLine(self._device_inbox.put, "link-down")
-        self._worker = threading.Thread(target=self._serve, name="edge-worker", daemon=True)
-        self._worker.start()
 
     def send(self, msg: Message) -> None:
         payload = encode(msg)
@@ -118,11 +109,32 @@ class InProcessTransport:
             raise TimeoutError(f"no reply from the edge within {timeout} s") from None
         return decode(payload, expected=DOWN_MESSAGES)
 
+    def _reply(self, msg_type: str | type | object, payload: bytes) -> None:
+        """Count a reply frame and put it on the downlink."""
+        self.traffic.record("down", msg_type, len(payload))
+        self._down.put(payload, self.link.transfer_time("down", len(payload)))
+
+
+class InProcessTransport(LinkEnds):
+    """A device's link to an edge in the same process, the edge computing on its own thread.
+
+    Args:
+        handler: the edge's frame handler (``Edge.handle``), yielding (message, frame) replies.
+        link: the emulated link of this device.
+        traffic: where to count bytes (a new counter by default).
+    """
+
+    def __init__(self, handler: EdgeHandler, link: Link, traffic: TrafficCounter | None = None) -> None:
+        self._handler = handler
+        self._edge_inbox: queue.Queue[bytes | None] = queue.Queue()
+        super().__init__(link, traffic, self._edge_inbox.put)
+        self._worker = threading.Thread(target=self._serve, name="edge-worker", daemon=True)
+        self._worker.start()
+
     def _serve(self) -> None:
         while (payload := self._edge_inbox.get()) is not None:
             for msg, reply in self._handler(payload):
-                self.traffic.record("down", msg, len(reply))
-                self._down.put(reply, self.link.transfer_time("down", len(reply)))
+                self._reply(msg, reply)
 
     def close(self) -> None:
         self._up.close()
