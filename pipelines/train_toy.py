@@ -126,8 +126,8 @@ class AttentionGuide:
     deeper, narrower target (language model 112 wide x 14 layers, weight 0.5, layer 4) did not help: the guided
     head put ~55% of its mass on the referred shape within 500 steps, yet color and position answers stayed at
     chance after 1,300 steps (token accuracy flat at 0.75-0.78), where the shipped 192 x 6 target answered 55-60%
-    of them by step 1,000 without the guide. That run changed the model's shape too, so it does not tell which
-    change stalled it.
+    of them by step 1,000 without the guide. On the shipped shape (192 x 6, layer 2) the head reached ~80% mass by
+    step 650, with color / shape / position answers at 10% / 25% / 30%: no better than without it.
     """
 
     def __init__(self, model: LlavaForConditionalGeneration, layer: int, head: int = 0) -> None:
