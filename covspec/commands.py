@@ -114,6 +114,9 @@ def _bench(commands: Subparsers) -> None:
     parser = commands.add_parser("bench", help="compare every method side by side on the same samples")
     parser.add_argument("--out", default=None, help="results JSONL (default: config 'output', else none)")
     parser.add_argument("--no-hf-assisted", action="store_true", help="skip the Hugging Face assisted-generation peer")
+    parser.add_argument("--edge", choices=("thread", "process"), default="thread",
+                        help="verify on a thread of this process (default) or in a spawned edge process, so that "
+                             "drafting during a wait runs in parallel (loads the target a second time)")  # fmt: skip
     add_config_arguments(parser)
     parser.set_defaults(handler=_run_bench)
 
@@ -133,7 +136,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
-        report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=lambda: progress.advance(task))
+        report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=lambda: progress.advance(task),
+                           edge=args.edge)  # fmt: skip
     print_report(report)
     if out_path is not None:
         print(f"per-request results: {out_path}")

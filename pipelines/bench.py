@@ -146,10 +146,19 @@ def step_costs(engine: LocalEngine, sample, steps: int = 40) -> dict[str, float]
     return {key: statistics.median(v) for key, v in out.items()}
 
 
-def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress=None) -> dict[str, Any]:
-    """Run every method of ``cfg.methods`` on the configured samples; returns the report."""
+def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress=None,
+              edge: str = "thread") -> dict[str, Any]:  # fmt: skip
+    """Run every method of ``cfg.methods`` on the configured samples; returns the report.
+
+    ``edge``: ``thread`` verifies on a thread of this process; ``process`` in a spawned edge process
+    (``LocalEngine.start_edge_process``), so that a device drafting during a wait runs in parallel with it.
+    """
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # first: a bad data file fails before any model loads
     engine = LocalEngine.from_config(cfg)
+    if edge == "process":
+        engine.start_edge_process()
+    elif edge != "thread":
+        raise ValueError(f"edge must be thread or process, got {edge!r}")
     methods = list(cfg.methods)
     greedy = cfg.generation.temperature == 0
     run_hf = hf_peer and greedy
@@ -180,12 +189,14 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
     finally:
         if sink:
             sink.close()
+        engine.close()  # the edge process, if any
     for _name, s in stats.items():
         for row in s.rows:
             ref = reference.get(row["sample_id"])
             row["matches_target_only"] = None if ref is None else row["token_ids"] == ref
     costs = step_costs(engine, samples[0])
-    return {"stats": stats, "costs": costs, "config": cfg, "edge": engine.edge.stats, "samples": len(samples)}
+    return {"stats": stats, "costs": costs, "config": cfg, "samples": len(samples), "edge_mode": edge,
+            "edge": engine.edge.stats if edge == "thread" else None}  # fmt: skip
 
 
 def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,7 +269,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
     table = Table(
         title=f"covspec bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
         f"link rtt {link.rtt_ms:g} ms, up {link.up_mbps:g} / down {link.down_mbps:g} Mbit/s, "
-        f"T={cfg.generation.temperature:g}, gamma={cfg.drafting.gamma}, m={cfg.verification.num_candidates}"
+        f"T={cfg.generation.temperature:g}, gamma={cfg.drafting.gamma}, m={cfg.verification.num_candidates}, "
+        f"edge in a {report.get('edge_mode', 'thread')}"
         + (f", pruning {cfg.pruning.method} keep {cfg.pruning.keep_ratio:g}"
            f"{' (target pruned too: lossy)' if cfg.pruning.prune_target else ''}"
            if cfg.pruning.method != "none" else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ from covspec.protocol import Link, LinkProfile
 from covspec.pruning import Pruner, build_pruner
 from covspec.runtime.device import Device, DeviceSettings, RequestResult
 from covspec.runtime.edge import Edge
-from covspec.runtime.transport import InProcessTransport
+from covspec.runtime.transport import InProcessTransport, Transport
 
 _NO_LIMIT_MBPS = math.inf
 
@@ -107,10 +108,37 @@ class LocalEngine:
     draft: VLMAdapter
     edge: Edge
     pruner: Pruner | None = field(default=None)
+    remote: Any = field(default=None)
+    """An ``edge_process.EdgeProcess`` to verify in instead of ``edge`` (``start_edge_process``), or None."""
 
     def __post_init__(self) -> None:
         if self.pruner is None:
             self.pruner = build_pruner(self.cfg.pruning, self.cfg.seed)
+        self._remote_link: Any = None
+
+    def start_edge_process(self) -> None:
+        """Verify every later request in a spawned edge process (one link, reused request after request), so that
+        a device drafting during a wait runs in parallel with the verification instead of sharing this process's
+        interpreter lock with it (``covspec.runtime.edge_process``). ``close`` ends it."""
+        from covspec.runtime.edge_process import EdgeProcess
+
+        t = self.cfg.models.target
+        cluster = self.cfg.cluster
+        self.remote = EdgeProcess(t.path, links=1, dtype=t.dtype, device=t.device, threads=cluster.edge_threads,
+                                  session_ttl_s=cluster.session_ttl_s)  # fmt: skip
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote, self._remote_link = None, None
+
+    def _transport(self, link: Link) -> Transport:
+        if self.remote is None:
+            return InProcessTransport(self.edge.handle, link)
+        if self._remote_link is None:
+            self._remote_link = self.remote.transport(link)
+        self._remote_link.link = link  # requests run one at a time: the next one's link profile and seed
+        return self._remote_link
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalEngine:
@@ -137,11 +165,12 @@ class LocalEngine:
         pruner = self.pruner_for(method)
         if method == "draft_only":
             return Device(self.draft, None, settings, pruner).run(image, question, keep)
-        transport = InProcessTransport(self.edge.handle, Link(profile or link_profile(self.cfg), seed=link_seed))
+        transport = self._transport(Link(profile or link_profile(self.cfg), seed=link_seed))
         try:
             result = Device(self.draft, transport, settings, pruner).run(image, question, keep)
         finally:
-            transport.close()
+            if self.remote is None:
+                transport.close()
         result.method = method
         return result
 

@@ -1,0 +1,29 @@
+"""`covspec bench` end to end: every method on the same samples, per-request JSONL, the table; the edge on a thread
+of this process or in its own process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from covspec.cli import main
+
+
+@pytest.mark.parametrize("edge", ["thread", "process"])
+def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "data.limit=2", "generation.max_new_tokens=12", "threads=1",
+            "methods=[target_only,vanilla_sd,covspec]", "--out", str(out), "--edge", edge]  # fmt: skip
+    if edge == "process":
+        argv.append("--no-hf-assisted")
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    methods = ["target_only", "vanilla_sd", "covspec"] + (["hf_assisted"] if edge == "thread" else [])
+    assert sorted({r["method"] for r in rows}) == sorted(methods)
+    assert len(rows) == 2 * len(methods)  # one row per sample and method, the HF peer's included
+    reference = {r["sample_id"]: r["token_ids"] for r in rows if r["method"] == "target_only"}
+    for r in rows:
+        assert r["token_ids"] == reference[r["sample_id"]], r["method"]  # greedy: every method is target-exact
+    printed = "".join(capsys.readouterr().out.split())  # rich wraps the title
+    assert f"edgeina{edge}" in printed and "covspec" in printed
