@@ -95,6 +95,16 @@ def test_acceptance_estimate_is_accepted_over_trials():
     assert math.isclose(policy.estimates.wait_s, 0.02)
 
 
+def test_a_rejected_unsure_last_token_is_not_a_rejection_of_the_confident_run():
+    policy = DraftPolicy("adaptive", decay=0.0)
+    policy.observe_round(drafted=4, accepted=3, wait_s=0.01, unsure_last=True)  # the stop's token rejected
+    assert policy.estimates.alpha == 1.0
+    policy.observe_round(drafted=4, accepted=1, wait_s=0.01, unsure_last=True)  # a confident draft rejected
+    assert math.isclose(policy.estimates.alpha, 1 / 2)
+    policy.observe_round(drafted=4, accepted=3, wait_s=0.01)  # no stop: the last rejection counts
+    assert math.isclose(policy.estimates.alpha, 3 / 4)
+
+
 def test_controller_lengthens_blocks_when_the_measured_rtt_grows():
     chosen = []
     for rtt_ms in (5, 20, 50, 100):

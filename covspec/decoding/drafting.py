@@ -145,14 +145,18 @@ class DraftPolicy:
         """One draft forward took ``seconds`` (device compute, slow-down included)."""
         self._draft_s.update(seconds)
 
-    def observe_round(self, drafted: int, accepted: int, wait_s: float) -> None:
+    def observe_round(self, drafted: int, accepted: int, wait_s: float, unsure_last: bool = False) -> None:
         """A verdict: ``accepted`` of ``drafted`` tokens, ``wait_s`` after the block was sent.
 
         α is estimated as accepted / (accepted + rejections): the maximum-likelihood rate of i.i.d. acceptances
-        observed until the first rejection or the end of the block.
+        observed until the first rejection or the end of the block. ``unsure_last``: the block ended at the
+        confidence stop. A rejection of exactly that last token is not counted: α is the acceptance rate of the
+        confident drafts that γ bounds, while the unsure ones end blocks through the stop whatever γ is (counting
+        their rejections made the controller choose blocks shorter than the confident runs).
         """
+        censored = unsure_last and accepted == drafted - 1
         self._accepted.update(accepted)
-        self._trials.update(accepted + (accepted < drafted))
+        self._trials.update(accepted + (accepted < drafted and not censored))
         self._wait_s.update(wait_s)
 
     def observe_overhead(self, seconds: float) -> None:

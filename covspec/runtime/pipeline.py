@@ -109,7 +109,8 @@ class PipelinedLoop:
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
             n = reply.num_accepted
-            self.policy.observe_round(len(ids), n, wait)
+            unsure_last = self.policy.adaptive and rnd.block[-1].conf < self.policy.threshold
+            self.policy.observe_round(len(ids), n, wait, unsure_last)
             token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
             if done:
                 break
