@@ -60,13 +60,28 @@ def biased_causal_mask(key_bias: torch.Tensor, past: int, k: int, dtype: torch.d
     at prefill, where past = 0) shifted by ``key_bias``. transformers passes a 4-D mask to the attention as is.
     """
     total = past + k
-    bias = torch.zeros(total, dtype=dtype, device=key_bias.device)
     n = min(int(key_bias.shape[0]), total)
-    bias[:n] = key_bias[:n].to(dtype)
-    mask = bias.expand(k, total).clone()
+    row = torch.nn.functional.pad(key_bias[:n].to(dtype), (0, total - n))  # [total]
+    if k == 1:  # a decode step: nothing to hide
+        return row.view(1, 1, 1, total)
+    mask = row.expand(k, total).clone()
     future = torch.ones(k, k, dtype=torch.bool, device=key_bias.device).triu(1)
-    mask[:, past:] = mask[:, past:].masked_fill(future, torch.finfo(dtype).min)
+    mask[:, past:].masked_fill_(future, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def decode_mask(state: DecodeState, k: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The attention mask of k new tokens on ``state``: None (the model's own causal mask) unless it was prefilled
+    with merge counts, then ``biased_causal_mask`` with its key bias."""
+    if state.key_bias is None:
+        return None
+    return biased_causal_mask(state.key_bias, state.cache_len, k, dtype)
+
+
+def require_unbiased(states: list[DecodeState]) -> None:
+    """Batched forwards pad sessions to one 2-D mask, which cannot carry a per-session key bias."""
+    if any(s.key_bias is not None for s in states):
+        raise ValueError("batched forwards do not take merged-pruned states (key_bias); forward them one by one")
 
 
 def merge_bias(inputs: PromptInputs, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

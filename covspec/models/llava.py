@@ -15,7 +15,15 @@ from PIL import Image
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, biased_causal_mask, eos_id_list, merge_bias
+from covspec.models.base import (
+    DecodeState,
+    PromptInputs,
+    biased_causal_mask,
+    decode_mask,
+    eos_id_list,
+    merge_bias,
+    require_unbiased,
+)
 
 
 class LlavaAdapter:
@@ -182,23 +190,12 @@ class LlavaAdapter:
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=position_ids,
-            attention_mask=self._step_mask(state, k),
+            attention_mask=decode_mask(state, k, self.model.dtype),
             cache=state.cache,
             use_cache=True,
         )
         state.seq_len += k
         return out.logits[0]
-
-    def _step_mask(self, state: DecodeState, k: int) -> torch.Tensor | None:
-        """The 4-D mask of a decode step on a merged-pruned state (None otherwise: the plain causal mask)."""
-        if state.key_bias is None:
-            return None
-        return biased_causal_mask(state.key_bias, state.cache_len, k, self.model.dtype)
-
-    @staticmethod
-    def _no_bias(states: list[DecodeState]) -> None:
-        if any(s.key_bias is not None for s in states):
-            raise ValueError("batched forwards do not take merged-pruned states (key_bias); forward them one by one")
 
     @torch.inference_mode()
     def forward_batch(self, states: list[DecodeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -215,7 +212,7 @@ class LlavaAdapter:
         """
         if len(states) == 1 and len(token_ids) == 1:
             return [self.forward(states[0], token_ids[0])]
-        self._no_bias(states)
+        require_unbiased(states)
         b = kvcache.pad_batch(states, token_ids, self.model.config, self.device,
                       lambda s, k: torch.arange(s.seq_len, s.seq_len + k, device=self.device))  # fmt: skip
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, cache=b.cache,

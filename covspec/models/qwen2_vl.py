@@ -22,7 +22,15 @@ from PIL import Image
 from transformers import DynamicCache
 
 from covspec.models import kvcache
-from covspec.models.base import DecodeState, PromptInputs, biased_causal_mask, eos_id_list, merge_bias
+from covspec.models.base import (
+    DecodeState,
+    PromptInputs,
+    biased_causal_mask,
+    decode_mask,
+    eos_id_list,
+    merge_bias,
+    require_unbiased,
+)
 from covspec.models.llava import LlavaAdapter
 
 
@@ -202,9 +210,7 @@ class Qwen2VLAdapter:
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=self._positions(state, k).expand(3, 1, k),
-            attention_mask=None
-            if state.key_bias is None
-            else biased_causal_mask(state.key_bias, state.cache_len, k, self.model.dtype),
+            attention_mask=decode_mask(state, k, self.model.dtype),
             cache=state.cache,
             use_cache=True,
         )
@@ -223,7 +229,7 @@ class Qwen2VLAdapter:
         """
         if len(states) == 1 and len(token_ids) == 1:
             return [self.forward(states[0], token_ids[0])]
-        LlavaAdapter._no_bias(states)
+        require_unbiased(states)
         b = kvcache.pad_batch(states, token_ids, self.model.config, self.device, self._positions)
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions.expand(3, -1, -1),
                          cache=b.cache, use_cache=True)  # fmt: skip
