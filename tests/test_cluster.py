@@ -33,6 +33,17 @@ def _describe_samples(n: int):
     return [s for s in load_split("test", 40) if s.kind == "describe"][:n]  # long answers: many rounds
 
 
+def _short_then_long():
+    """A one-round answer, then the two longest describe answers.
+
+    Both devices start together; the short sample ends first, and the other device is then still many rounds into
+    its long one, so a fault injected when the first row arrives hits a sample in flight. (With three similar
+    samples the other device had sometimes finished too by then, and nothing was hit.)
+    """
+    short = next(s for s in load_split("test", 40) if s.kind == "color")
+    return [short, *sorted(_describe_samples(8), key=lambda s: -len(s.answer))[:2]]
+
+
 def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_pair):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth on
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -98,11 +109,12 @@ def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, to
 
     from covspec.cluster.experiment import run_method
 
-    samples = _describe_samples(3)
+    samples = _short_then_long()
     rows: list[dict] = []
 
     def sink(row):
-        if not rows:  # both devices started together: the other one is mid-sample now
+        if not rows:
+            assert row["sample_id"] == samples[0].sample_id, "the one-round sample should finish first"
             ray.kill(cluster.devices[1 - row["device"]], no_restart=False)
         rows.append(row)
 
@@ -120,12 +132,13 @@ def test_an_edge_replica_killed_mid_run_is_replaced_and_outputs_do_not_change(cl
     from covspec.cluster.edge_app import DEPLOYMENT_NAME
     from covspec.cluster.experiment import run_method
 
-    samples = _describe_samples(3)
+    samples = _short_then_long()
     rows: list[dict] = []
     replicas = cluster.edge_stats()["replicas"]
 
     def sink(row):
         if not rows:
+            assert row["sample_id"] == samples[0].sample_id, "the one-round sample should finish first"
             serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=cluster.app_name).crash.remote()
         rows.append(row)
 
