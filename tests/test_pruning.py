@@ -356,3 +356,24 @@ def test_prune_eval_pipeline_end_to_end(tmp_path):
     assert "joint@0.25 accepted length vs unpruned >= 95%" in report["goals"]  # checked on the merging rows
     assert (tmp_path / "accepted_length_vs_keep_ratio.png").stat().st_size > 0
     assert prune_eval.main(["--pruners", "fastv"]) == 2
+
+
+def test_prune_scale_times_a_random_draft_of_the_given_shape(tmp_path, capsys):
+    from pipelines import prune_scale
+
+    argv = ["--hidden", "56", "--heads", "7", "--kv-heads", "1", "--layers", "1", "--intermediate", "64", "--side",
+            "6", "--ratios", "0.25", "--pruners", "joint,random", "--samples", "1", "--repeats", "1", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert prune_scale.main(argv) == 0
+    report = json.loads((tmp_path / "prune_scale.json").read_text())
+    assert report["visual_tokens"] == 36 and report["spec"]["hidden"] == 56 and report["spec"]["layers"] == 1
+    by = {s["method"]: s for s in report["summary"]}
+    assert list(by) == ["none", "joint+merge", "random+merge"]
+    assert by["none"]["lm_prefill_ms"] is None and by["none"]["draft_prefill_ms"] > 0
+    joint = by["joint+merge"]
+    assert joint["pruner_ms"] > 0 and joint["vision_ms"] > 0 and joint["lm_prefill_ms"] > 0
+    assert joint["prefill_saved_ms"] == pytest.approx(by["none"]["draft_prefill_ms"] - joint["draft_prefill_ms"])
+    assert "pruner overhead / prefill saved" in capsys.readouterr().out
+    assert prune_scale.main(["--pruners", "fastv"]) == 2
+    assert prune_scale.main(["--layers", "0"]) == 2
+    assert "--layers" not in capsys.readouterr().err  # a clear line, no argparse usage dump

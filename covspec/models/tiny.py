@@ -44,6 +44,8 @@ class TinySpec:
     heads: int = 4
     kv_heads: int = 4
     init_scale: float = 0.2
+    intermediate: int | None = None
+    """The language model's MLP width; None: twice ``hidden``."""
 
 
 TINY_SPECS: tuple[TinySpec, ...] = (
@@ -67,7 +69,7 @@ def tiny_llava(spec: TinySpec = TinySpec(), seed: int = 0, device: str = "cpu") 
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
-        intermediate_size=spec.hidden * 2,
+        intermediate_size=spec.intermediate or spec.hidden * 2,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
