@@ -41,10 +41,9 @@ from covspec.models.tiny import TinySpec, tiny_llava
 from covspec.pruning import PRUNERS, build_pruner
 from pipelines.prune_eval import RATIOS, Variant, _median, time_variants, variants
 
-PRESETS: dict[str, TinySpec] = {
-    "ov-0.5b": TinySpec(image_size=378, patch_size=14, vision_hidden=1152, vision_layers=1, hidden=896, layers=24,
-                        heads=14, kv_heads=2, intermediate=4864, init_scale=0.02),  # fmt: skip
-}
+OV_05B = TinySpec(image_size=378, patch_size=14, vision_hidden=1152, vision_layers=1, hidden=896, layers=24, heads=14,
+                  kv_heads=2, intermediate=4864, init_scale=0.02)  # fmt: skip
+PRESETS: dict[str, TinySpec] = {"ov-0.5b": OV_05B}
 GOAL = 0.10  # joint pruner overhead / prefill saved at keep 0.25
 
 
