@@ -31,6 +31,7 @@ __all__ = [
     "BASE_METHODS",
     "BENCHMARKS",
     "DRAFT_POLICIES",
+    "DRAFT_STOPS",
     "DTYPES",
     "METHODS",
     "PRUNING_METHODS",
@@ -70,6 +71,7 @@ BENCHMARKS = ("shapes", "vqav2", "mmbench", "mmmu")  # loaders: covspec.data.loa
 SPLITS = ("train", "val", "test")
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
+DRAFT_STOPS = ("cost", "threshold")
 TUNE_METRICS = ("speedup", "tokens_per_s")  # what `covspec tune` maximizes (docs/tune.md)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 _MAX_SEED = 2**32 - 1  # the range every RNG we seed (random, numpy, torch) accepts
@@ -299,10 +301,16 @@ class DraftingConfig(_Section):
     gamma_max: int = 12
     """Longest block the adaptive policy drafts (1..64)."""
     threshold: float = 0.4
-    """Adaptive policy: stop drafting when the draft's top probability falls below this, in [0, 1]."""
+    """Adaptive policy: τ, in [0, 1]. Drafting stops after a token whose top probability is below the stop's
+    threshold: τ itself (``stop: threshold``), or the cost model's threshold capped at τ (``stop: cost``)."""
+    stop: str = "threshold"
+    """Adaptive policy's confidence stop: ``threshold`` (always τ) or ``cost`` (threshold min(τ, R·c/α): an unsure
+    token ends the block only when one more draft step would add fewer expected tokens than the round's rate R pays
+    for it; τ until R, c and α are measured). See docs/drafting.md."""
 
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "policy"), self.policy, DRAFT_POLICIES)
+        _check_choice(_join(prefix, "stop"), self.stop, DRAFT_STOPS)
         for name in ("gamma", "gamma_min", "gamma_max"):
             _check_int(_join(prefix, name), getattr(self, name), 1, 64)
         if self.gamma_min > self.gamma_max:

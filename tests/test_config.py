@@ -121,6 +121,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str):
         ("drafting.gamma=65", "drafting.gamma must be in [1, 64], got 65"),
         ("drafting.threshold=1.1", "drafting.threshold must be in [0, 1], got 1.1"),
         ("drafting.policy=greedy", "drafting.policy must be one of 'fixed', 'adaptive', got 'greedy'"),
+        ("drafting.stop=never", "drafting.stop must be one of 'cost', 'threshold', got 'never'"),
         ("pruning.method=magic", "pruning.method must be one of"),
         ("method=speculative", "method must be one of 'target_only', 'draft_only'"),
         ("methods=[covspec, nope]", "methods[1] must be one of"),

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from covspec.decoding.drafting import DraftPolicy, choose_block_length, round_time, throughput
+from covspec.decoding.drafting import DraftPolicy, choose_block_length, round_time, stop_threshold, throughput
 
 MS = 1e-3
 DRAFT_S, VERIFY_S = 1 * MS, 4 * MS
@@ -117,9 +117,41 @@ def test_controller_lengthens_blocks_when_the_measured_rtt_grows():
     assert chosen == sorted(chosen) and chosen[-1] > chosen[0], chosen
 
 
+def _measured(stop: str, wait_ms: float, draft_ms: float = 1.0, threshold: float = 0.4) -> DraftPolicy:
+    policy = DraftPolicy("adaptive", gamma=4, gamma_min=1, gamma_max=16, threshold=threshold, stop=stop, decay=0.0)
+    policy.observe_step(draft_ms * MS)
+    policy.observe_round(drafted=6, accepted=4, wait_s=wait_ms * MS)  # alpha = 4 / 5
+    return policy
+
+
+def test_cost_stop_drafts_through_unsure_tokens_when_the_round_is_slow():
+    # Before anything is measured the stop uses tau.
+    assert DraftPolicy("adaptive", threshold=0.4).stop_threshold == 0.4
+    for wait_ms in (5, 50, 200):
+        policy = _measured("cost", wait_ms)
+        gamma = policy.block_length()
+        rate = throughput(gamma, 0.8, DRAFT_S, 0.0, wait_ms * MS)
+        assert math.isclose(stop_threshold(gamma, 0.8, DRAFT_S, wait_ms * MS), rate * DRAFT_S / 0.8)
+        assert math.isclose(policy.stop_threshold, min(0.4, rate * DRAFT_S / 0.8))
+    # p * alpha < R * c: a token of confidence p ends the block only if one more step is worth less than its time.
+    slow, fast = _measured("cost", 200), _measured("cost", 2)
+    slow.block_length(), fast.block_length()
+    assert slow.stop_threshold < 0.05 and not slow.stop_after(3, 0.1)  # a long wait: draft on
+    assert fast.stop_threshold == 0.4 and fast.stop_after(3, 0.3)  # capped at tau
+    slow_draft = _measured("cost", 50, draft_ms=20.0, threshold=0.9)
+    slow_draft.block_length()
+    assert slow_draft.stop_threshold > 0.2  # a slow draft stops at unsure tokens sooner
+    fixed_tau = _measured("threshold", 200)
+    fixed_tau.block_length()
+    assert fixed_tau.stop_threshold == 0.4 and fixed_tau.stop_after(3, 0.3)
+    assert stop_threshold(4, 0.0, DRAFT_S, 0.05) == 1.0  # nothing is accepted: every unsure token stops
+
+
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match=r"drafting\.policy"):
         DraftPolicy("greedy")
+    with pytest.raises(ValueError, match=r"drafting\.stop"):
+        DraftPolicy("adaptive", stop="never")
     with pytest.raises(ValueError):
         DraftPolicy("adaptive", gamma_min=5, gamma_max=3)
 

@@ -10,9 +10,22 @@ vocabulary) and is what the edge's accept test rewards: a greedy draft is accept
 target's, which a peaked draft gets right more often.
 
 **Confidence stop.** Drafting stops after the token at block position i (0-based) when its confidence is below
-the threshold τ and the block already holds at least γ_min tokens; it always stops at the controller's γ (at
+the stop's threshold and the block already holds at least γ_min tokens; it always stops at the controller's γ (at
 most γ_max). The unsure token is kept: it is the block's most likely rejection site, so an alternative branch is
 rooted right there (see ``covspec.decoding.branching``).
+
+With ``stop="cost"`` the threshold comes from the same cost model as γ (``stop="threshold"``, the default, keeps
+τ). Drafting one more token after a token of confidence p costs one step c and adds about p·α expected committed
+tokens to the round (the next token counts only if the unsure one is accepted, and is itself accepted with
+probability α). Spent on the round as a whole, the same c buys R·c tokens at the controller's expected rate
+R = R(γ*). So the unsure token ends the block only when
+
+    p·α < R·c,   i.e.   p < τ_cost = R·c / α,
+
+and the threshold applied is min(τ, τ_cost): τ caps it, and applies alone until α, c and L are measured. A long
+wait L makes R small next to 1/c, so the block drafts through tokens it is unsure of: verifying them in this round
+is worth more than the few steps they cost. A fast link or a slow draft raises τ_cost and the stop cuts blocks at
+unsure tokens again. Measured in docs/drafting.md: longer accepted runs at 50–100 ms, no faster overall.
 
 **Controller.** With per-token acceptance rate α, draft step time c, verify time v and round-trip time r, all
 running estimates (exponential moving averages), and L = r + v the wait for a verdict, a block of γ drafts
@@ -46,7 +59,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from covspec.config import DRAFT_POLICIES
+from covspec.config import DRAFT_POLICIES, DRAFT_STOPS
 from covspec.decoding.analysis import expected_tokens_per_round
 
 
@@ -85,6 +98,17 @@ def choose_block_length(
     return best
 
 
+def stop_threshold(
+    gamma: int, alpha: float, draft_s: float, wait_s: float, branching: bool = False, alt_hit: float = 0.0
+) -> float:
+    """τ_cost = R(γ)·c / α (module docstring): below this confidence, one more draft step adds fewer expected
+    tokens (p·α) than the round's rate pays for its time (R·c). In [0, 1]; 1 when α is 0."""
+    if alpha <= 0:
+        return 1.0
+    rate = throughput(gamma, alpha, draft_s, 0.0, wait_s, branching, alt_hit)
+    return min(1.0, rate * draft_s / alpha)
+
+
 class _Ema:
     """Exponential moving average; the first observation sets it."""
 
@@ -114,23 +138,30 @@ class DraftPolicy:
         policy: ``fixed`` (always ``gamma`` tokens, no confidence stop) or ``adaptive``.
         gamma: the fixed length, and the adaptive policy's length before anything is measured.
         gamma_min, gamma_max: bounds of the adaptive length.
-        threshold: τ of the confidence stop (adaptive only).
+        threshold: τ of the confidence stop (adaptive only): the threshold with ``stop="threshold"``, its cap with
+            ``stop="cost"``.
         branching: whether the device drafts branches while a block is verified (changes the round time model).
         decay: weight of the past in every moving average.
+        stop: ``threshold`` (τ) or ``cost`` (min(τ, R·c/α), module docstring).
     """
 
     def __init__(
         self, policy: str = "fixed", gamma: int = 5, gamma_min: int = 1, gamma_max: int = 12, threshold: float = 0.4,
-        branching: bool = False, decay: float = 0.8,
+        branching: bool = False, decay: float = 0.8, stop: str = "threshold",
     ) -> None:  # fmt: skip
         if policy not in DRAFT_POLICIES:
             raise ValueError(f"drafting.policy must be one of {', '.join(DRAFT_POLICIES)}, got {policy!r}")
+        if stop not in DRAFT_STOPS:
+            raise ValueError(f"drafting.stop must be one of {', '.join(DRAFT_STOPS)}, got {stop!r}")
         if not 1 <= gamma_min <= gamma_max:
             raise ValueError(f"need 1 <= gamma_min <= gamma_max, got {gamma_min}, {gamma_max}")
         self.adaptive = policy == "adaptive"
         self.gamma = gamma if not self.adaptive else min(max(gamma, gamma_min), gamma_max)
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         self.threshold = threshold
+        self.stop = stop
+        self.stop_threshold = threshold
+        """The confidence stop's threshold for the current round (set with its γ by ``block_length``)."""
         self.branching = branching
         self._accepted = _Ema(decay)  # accepted drafts per round
         self._trials = _Ema(decay)  # accepted drafts + 1 if the round had a rejection
@@ -176,7 +207,9 @@ class DraftPolicy:
     # -- decisions -------------------------------------------------------------------------------
 
     def block_length(self) -> int:
-        """γ for the next block: fixed, or the controller's choice once α, c and L are measured."""
+        """γ for the next block: fixed, or the controller's choice once α, c and L are measured. Sets the round's
+        ``stop_threshold`` too."""
+        self.stop_threshold = self.threshold
         if not self.adaptive:
             return self.gamma
         e = self.estimates
@@ -184,9 +217,14 @@ class DraftPolicy:
             return self.gamma
         # The fixed per-round costs (the wait and the device's own bookkeeping) enter the model as one L.
         wait = e.wait_s + (e.overhead_s or 0.0)
-        return choose_block_length(e.alpha, e.draft_s, 0.0, wait, self.gamma_min, self.gamma_max, self.branching,
-                                   e.alt_hit or 0.0)  # fmt: skip
+        alt_hit = e.alt_hit or 0.0
+        gamma = choose_block_length(e.alpha, e.draft_s, 0.0, wait, self.gamma_min, self.gamma_max, self.branching,
+                                    alt_hit)  # fmt: skip
+        if self.stop == "cost":
+            self.stop_threshold = min(self.threshold, stop_threshold(gamma, e.alpha, e.draft_s, wait, self.branching,
+                                                                     alt_hit))  # fmt: skip
+        return gamma
 
     def stop_after(self, index: int, confidence: float) -> bool:
         """Confidence stop: end the block after position ``index`` (0-based) drafted with ``confidence``."""
-        return self.adaptive and index + 1 >= self.gamma_min and confidence < self.threshold
+        return self.adaptive and index + 1 >= self.gamma_min and confidence < self.stop_threshold

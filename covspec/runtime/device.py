@@ -110,6 +110,7 @@ class DeviceSettings:
     gamma_min: int = 1
     gamma_max: int = 12
     threshold: float = 0.4  # confidence stop: end a block after a token drafted with top probability below this
+    stop: str = "threshold"  # the stop's threshold: threshold (fixed) or cost (the cost model's, capped)
     branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
     prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
 

@@ -80,6 +80,7 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
         gamma_min=cfg.drafting.gamma_min,
         gamma_max=cfg.drafting.gamma_max,
         threshold=cfg.drafting.threshold,
+        stop=cfg.drafting.stop,
         branch_budget=cfg.branching.budget if method == "covspec" else 0,
         prune_target=cfg.pruning.prune_target,
     )

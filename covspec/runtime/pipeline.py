@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 def draft_policy(settings: DeviceSettings) -> DraftPolicy:
     """The drafting policy of one request's settings."""
     return DraftPolicy(settings.policy, settings.gamma, settings.gamma_min, settings.gamma_max, settings.threshold,
-                       branching=settings.branch_budget > 0)  # fmt: skip
+                       branching=settings.branch_budget > 0, stop=settings.stop)  # fmt: skip
 
 
 @dataclass
@@ -109,7 +109,7 @@ class PipelinedLoop:
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
             n = reply.num_accepted
-            unsure_last = self.policy.adaptive and rnd.block[-1].conf < self.policy.threshold
+            unsure_last = self.policy.adaptive and rnd.block[-1].conf < self.policy.stop_threshold
             self.policy.observe_round(len(ids), n, wait, unsure_last)
             token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
             if done:
