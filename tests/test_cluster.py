@@ -72,6 +72,10 @@ def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_p
     assert by["covspec"]["identical_to_target_only"] == 1.0
     assert by["covspec"]["decoding_bytes_per_token"] < by["vanilla_sd"]["decoding_bytes_per_token"]
     assert by["covspec"]["edge_capacity"] > 0 and by["target_only"]["system_tokens_per_s"] > 0
+    base = by["target_only"]  # its ceiling: busy time over prefill time
+    assert base["edge_capacity_ceiling_vs_target_only"] == pytest.approx(1 / base["edge_prefill_share"])
+    assert by["covspec"]["edge_capacity_ceiling_vs_target_only"] > by["covspec"]["edge_capacity_vs_target_only"]
+    assert "cap ceiling" in proc.stdout
 
     import mlflow
 

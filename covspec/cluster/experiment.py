@@ -247,6 +247,12 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             for key in ("system_tokens_per_s", "edge_capacity", "edge_capacity_cpu", "tokens_per_s_per_device"):
                 if row.get(key) and base.get(key):
                     row[f"{key}_vs_target_only"] = row[key] / base[key]
+            # The most this method's edge capacity could be if its verification cost nothing: tokens per second of
+            # its prefill alone, against target_only's capacity. Every lossless method prefills the whole prompt.
+            phase = phases.get(row["method"].removesuffix(" (lossy)"))
+            prefill = phase.edge.get("prefill_s", 0.0) if phase is not None else 0.0
+            if prefill > 0 and base.get("edge_capacity"):
+                row["edge_capacity_ceiling_vs_target_only"] = row["tokens"] / prefill / base["edge_capacity"]
     return out
 
 
@@ -260,7 +266,8 @@ COLUMNS = [
     ("vs vanilla@152k*", "projected_reduction_vs_vanilla", ".3%"), ("EM", "exact_match", ".1%"),
     ("=target", "identical_to_target_only", ".0%"), ("p50 s", "latency_p50_s", ".3f"),
     ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"),
-    ("prefill", "edge_prefill_share", ".0%"), ("batch", "mean_batch", ".1f"),
+    ("prefill", "edge_prefill_share", ".0%"), ("cap ceiling", "edge_capacity_ceiling_vs_target_only", ".2f"),
+    ("batch", "mean_batch", ".1f"),
 ]  # fmt: skip
 
 
@@ -287,7 +294,9 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         "sys tok/s: generated tokens of all devices / wall time of the method's phase; speedup is against "
         "target_only in this run.\nedge cap: generated tokens per second of edge busy time (the edge's own clock, "
         "all replicas); cap/CPU: per second of edge CPU time, which devices sharing the cores do not stretch "
-        "(docs/cluster.md). prefill: share of edge busy time spent prefilling.\ntok/s/dev: tokens / request "
+        "(docs/cluster.md). prefill: share of edge busy time spent prefilling; cap ceiling: edge capacity vs "
+        "target_only if verification cost nothing and only the prefill remained (tokens / prefill time).\n"
+        "tok/s/dev: tokens / request "
         "latency, as one device sees it. B/tok: decoding traffic per generated token (both directions, counted from "
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "
         f"151,936-token vocabulary. Placement: {c.num_devices} device actors x {c.device_cpus:g} CPU, "
