@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -185,3 +186,26 @@ def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, caps
     assert all(row["identical_to_target_only"] == 1.0 for row in doc["summary"]), doc["summary"]
     assert (tmp_path / "drafting_bench.png").stat().st_size > 0
     assert "1samplesofshapes/test" in "".join(capsys.readouterr().out.split())  # rich wraps the title
+
+
+def test_draft_coverage_pipeline_on_a_self_draft_and_its_summary(tmp_path, capsys):
+    from pipelines import draft_coverage
+
+    # The toy draft verifying itself: it always agrees, so every bound is one round per answer.
+    argv = ["data.limit=1", "generation.max_new_tokens=8", "models.target.path=toy-draft", "pruning.method=none",
+            "--topk", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert draft_coverage.main(argv) == 0
+    report = json.loads((tmp_path / "draft_coverage.json").read_text())
+    s = report["summary"]
+    assert s["agreement"] == 1.0 and s["rounds_per_answer"] == {"chain": 1.0, "tree top2": 1.0}
+    assert "agreement 1.000" in capsys.readouterr().out
+    # The summary's arithmetic on constructed ranks: 0 = the draft's argmax, k = outside its top k.
+    rows = [{"answer": [1, 2, 3, 4], "rank": [0, 1, 0, 3], "confidence": [0.95, 0.3, 0.8, 0.6]},
+            {"answer": [5, 6], "rank": [2, 0], "confidence": [0.4, 0.99]}]  # fmt: skip
+    s = draft_coverage.summarize(rows, topk=3)
+    assert s["agreement"] == 3 / 6 and s["coverage_at_disagreements"] == {"top2": 1 / 3, "top3": 2 / 3}
+    assert s["rounds_per_answer"] == {"chain": (3 + 2) / 2, "tree top2": (2 + 2) / 2, "tree top3": (2 + 1) / 2}
+    assert s["tokens_per_round"]["chain"] == 6 / 5
+    bands = {b["band"]: (b["positions"], b["draft_right"]) for b in s["calibration"]}
+    assert bands["[0.25, 0.5)"] == (2, 0.0) and bands["[0.9, 1]"] == (2, 1.0) and bands["[0.75, 0.9)"] == (1, 1.0)
+    assert draft_coverage.main(["--topk", "1"]) == 2
