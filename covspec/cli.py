@@ -18,7 +18,9 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -27,7 +29,10 @@ from typing import Any
 from covspec.config import Config, config_to_yaml, load_config
 from covspec.errors import CovspecError, InputError
 
-__all__ = ["add_config_arguments", "build_parser", "command", "config_from_args", "main", "split_config_args"]
+__all__ = [
+    "add_config_arguments", "build_parser", "command", "config_from_args", "main", "pipeline_main",
+    "split_config_args",
+]  # fmt: skip
 
 Subparsers = Any  # argparse._SubParsersAction, whose name is private
 Handler = Callable[[argparse.Namespace], int | None]
@@ -131,6 +136,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("covspec: interrupted", file=sys.stderr)
         return 130
+
+
+def pipeline_main(name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorates a ``python -m pipelines.NAME`` entry point with the CLI's error contract: a user error
+    (:class:`~covspec.errors.CovspecError`: bad config, missing checkpoint, bad input) prints one line
+    ``NAME: error: ...`` and returns 2, Ctrl-C returns 130; ``COVSPEC_DEBUG=1`` re-raises with the traceback."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except CovspecError as err:
+                if os.environ.get("COVSPEC_DEBUG") == "1":
+                    raise
+                message = " ".join(str(err).split("\n")) or type(err).__name__
+                print(f"{name}: error: {message}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{name}: interrupted", file=sys.stderr)
+                return 130
+
+        return run
+
+    return wrap
 
 
 def _register_commands() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from covspec.cli import split_config_args
+from covspec.cli import pipeline_main, split_config_args
 from covspec.config import Config, load_config
 from covspec.data import load_benchmark
 from covspec.decoding.autoregressive import generate
@@ -136,6 +136,7 @@ def print_report(summary: dict[str, Any], title: str) -> None:
     console.print(cal)
 
 
+@pipeline_main("draft_coverage")
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress

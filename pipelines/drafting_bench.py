@@ -31,13 +31,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from covspec.cli import pipeline_main
 from covspec.config import Config, config_to_dict, load_config
 from covspec.data import load_benchmark
+from covspec.errors import CovspecError
 from covspec.inputs import check_question
+from covspec.models.loading import load_adapter
 from covspec.protocol import Link
+from covspec.pruning import build_pruner
 from covspec.runtime.device import Device
 from covspec.runtime.edge_process import EdgeProcess
-from covspec.runtime.engine import LocalEngine, device_settings, link_profile
+from covspec.runtime.engine import LocalEngine, colocated_profile, device_settings, link_profile
 from covspec.runtime.transport import InProcessTransport
 
 RTTS_MS = (5.0, 20.0, 50.0, 100.0)
@@ -65,26 +71,37 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str
     """
     if edge not in EDGES:
         raise ValueError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
-    engine = LocalEngine.from_config(cfg)
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # shapes by default; any benchmark of docs/benchmarks.md
     base = link_profile(cfg)
     target = cfg.models.target
-    remote = None
-    if edge == "process":
-        remote = EdgeProcess(target.path, links=len(rtts) * len(VARIANTS), dtype=target.dtype, device=target.device,
+    links = len(rtts) * len(VARIANTS)
+    remote, edge_handle = None, None
+    if edge == "process":  # the target lives in the edge process only: the reference runs there too
+        torch.set_num_threads(cfg.threads)
+        draft = load_adapter(cfg.models.draft.path, cfg.models.draft.dtype, cfg.models.draft.device,
+                             key="models.draft.path")  # fmt: skip
+        pruner = build_pruner(cfg.pruning, cfg.seed)
+        remote = EdgeProcess(target.path, links=links + 1, dtype=target.dtype, device=target.device,
                              threads=cfg.cluster.edge_threads, session_ttl_s=cfg.cluster.session_ttl_s)  # fmt: skip
+        reference_device = Device(draft, remote.transport(Link(colocated_profile())),
+                                  device_settings(cfg, "target_only"))  # fmt: skip
+    else:
+        engine = LocalEngine.from_config(cfg)
+        draft, pruner, edge_handle = engine.draft, engine.pruner, engine.edge.handle
+        reference_device = Device(draft, InProcessTransport(edge_handle, Link(colocated_profile())),
+                                  device_settings(cfg, "target_only"))  # fmt: skip
     devices: dict[tuple[float, str], Device] = {}
     for rtt in rtts:
         for variant in VARIANTS:
             link = Link(dataclasses.replace(base, rtt_ms=rtt), seed=cfg.seed)
             settings = device_settings(variant_config(cfg, variant), "covspec")
-            transport = remote.transport(link) if remote else InProcessTransport(engine.edge.handle, link)
-            devices[rtt, variant] = Device(engine.draft, transport, settings, engine.pruner)
+            transport = remote.transport(link) if remote else InProcessTransport(edge_handle, link)
+            devices[rtt, variant] = Device(draft, transport, settings, pruner)
     rows: list[dict[str, Any]] = []
     try:
         for i, sample in enumerate(samples):
-            image, question = sample.image(), check_question(sample.question, engine.draft.tokenizer)
-            reference = engine.run("target_only", image, question, link_seed=cfg.seed * 100_003 + i).token_ids
+            image, question = sample.image(), check_question(sample.question, draft.tokenizer)
+            reference = reference_device.run(image, question).token_ids
             order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
             for rtt in rtts:
                 for variant in order:
@@ -96,7 +113,7 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str
             if progress:
                 progress(i + 1, len(samples))
     finally:
-        for device in devices.values():
+        for device in [*devices.values(), reference_device]:
             device.transport.close()
         if remote is not None:
             remote.close()
@@ -243,6 +260,7 @@ def track(cfg: Config, summary: list[dict[str, Any]], paths: list[Path]) -> None
         print(f"logged to MLflow: run {run.info.run_id} ({tracking.tracking_uri(cfg)})")
 
 
+@pipeline_main("drafting_bench")
 def main(argv: list[str] | None = None) -> int:
     from covspec.cli import split_config_args
 
@@ -256,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     path, overrides = split_config_args(args.config)
     cfg = load_config(path, overrides)
-    rtts = tuple(float(x) for x in args.rtts.split(","))
+    try:
+        rtts = tuple(float(x) for x in args.rtts.split(","))
+    except ValueError:
+        raise CovspecError(f"--rtts must be comma-separated numbers of milliseconds, got {args.rtts!r}") from None
+    if any(not 0 <= r < 1e6 for r in rtts):
+        raise CovspecError(f"--rtts must be in [0, 1e6) ms, got {args.rtts!r}")
 
     def progress(done: int, total: int) -> None:
         print(f"sample {done}/{total}", file=sys.stderr, flush=True)

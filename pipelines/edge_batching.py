@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from covspec.cli import add_config_arguments, config_from_args
+from covspec.cli import add_config_arguments, config_from_args, pipeline_main
 from covspec.data import load_benchmark
 from covspec.models.loading import load_adapter
 from covspec.protocol import OpenSession, VerifyRequest, decode, encode, new_session_id
@@ -123,6 +123,7 @@ def _from_run(path: str) -> tuple[float, float]:
     return row["mean_accepted_length"], row["tokens"] / row["samples"]
 
 
+@pipeline_main("edge_batching")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.edge_batching", description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,4,8,16")

@@ -22,6 +22,8 @@ import traceback
 
 import torch
 
+from covspec.cli import pipeline_main
+
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 
@@ -117,6 +119,7 @@ def table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+@pipeline_main("gpu_smoke")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

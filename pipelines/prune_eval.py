@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from covspec.cli import split_config_args
+from covspec.cli import pipeline_main, split_config_args
 from covspec.config import Config, load_config
 from covspec.data import load_benchmark
 from covspec.data.metrics import exact_match
@@ -320,6 +320,7 @@ def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: in
     }
 
 
+@pipeline_main("prune_eval")
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from covspec.cli import pipeline_main
 from covspec.config import load_config
 from covspec.data.shapes import load_split
 from covspec.models.tiny import TinySpec, tiny_llava
@@ -88,6 +89,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+@pipeline_main("prune_scale")
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from covspec.cli import pipeline_main
 from covspec.data.metrics import exact_match
 from covspec.data.shapes import KINDS, load_split
 from covspec.decoding.autoregressive import generate
@@ -137,6 +138,7 @@ def print_report(r: dict) -> None:
         console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
 
 
+@pipeline_main("toy_quality")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=200)

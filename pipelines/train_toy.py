@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
+from covspec.cli import pipeline_main
 from covspec.data.metrics import exact_match
 from covspec.data.shapes import (
     CELL,
@@ -216,6 +217,7 @@ def save(model, processor, out: Path, meta: dict) -> None:
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+@pipeline_main("train_toy")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--role", choices=["target", "draft"], required=True)

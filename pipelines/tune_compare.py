@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from covspec.cli import pipeline_main
 from covspec.config import Config, load_config
 
 ROWS = ("target_only", "covspec (base)", "covspec (tuned)")
@@ -72,6 +73,7 @@ def compare(base: Config, tuned: Config, progress=None) -> list[dict[str, Any]]:
     return out
 
 
+@pipeline_main("tune_compare")
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table

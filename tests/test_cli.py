@@ -92,3 +92,15 @@ def test_module_entry_point_runs_without_traceback():
     bad = _run_module("config", "show", "data.limit=abc")
     assert bad.returncode == 2
     assert bad.stderr == "covspec: error: data.limit must be an integer, got 'abc'\n"
+
+
+@pytest.mark.parametrize("name", ["prune_eval", "drafting_bench", "edge_batching", "draft_coverage"])
+def test_pipelines_report_a_missing_checkpoint_in_one_line(name, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COVSPEC_DEBUG", raising=False)
+    main = importlib.import_module(f"pipelines.{name}").main
+    assert main(["models.target.path=/nonexistent/target", "tracking.enabled=false", "data.limit=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{name}: error: models.target.path: checkpoint directory '/nonexistent/target' does not exist"]
