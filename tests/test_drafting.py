@@ -130,21 +130,23 @@ def test_cost_stop_drafts_through_unsure_tokens_when_the_round_is_slow():
     assert DraftPolicy("adaptive", threshold=0.4).stop_threshold == 0.4
     for wait_ms in (5, 50, 200):
         policy = _measured("cost", wait_ms)
-        gamma = policy.block_length()
+        gamma = policy.start_round()
         rate = throughput(gamma, 0.8, DRAFT_S, 0.0, wait_ms * MS)
         assert math.isclose(stop_threshold(gamma, 0.8, DRAFT_S, wait_ms * MS), rate * DRAFT_S / 0.8)
         assert math.isclose(policy.stop_threshold, min(0.4, rate * DRAFT_S / 0.8))
     # p * alpha < R * c: a token of confidence p ends the block only if one more step is worth less than its time.
     slow, fast = _measured("cost", 200), _measured("cost", 2)
-    slow.block_length(), fast.block_length()
+    slow.start_round(), fast.start_round()
     assert slow.stop_threshold < 0.05 and not slow.stop_after(3, 0.1)  # a long wait: draft on
     assert fast.stop_threshold == 0.4 and fast.stop_after(3, 0.3)  # capped at tau
     slow_draft = _measured("cost", 50, draft_ms=20.0, threshold=0.9)
-    slow_draft.block_length()
+    slow_draft.start_round()
     assert slow_draft.stop_threshold > 0.2  # a slow draft stops at unsure tokens sooner
     fixed_tau = _measured("threshold", 200)
-    fixed_tau.block_length()
+    fixed_tau.start_round()
     assert fixed_tau.stop_threshold == 0.4 and fixed_tau.stop_after(3, 0.3)
+    planned = _measured("cost", 200)  # planning a length (as branching does mid-round) leaves the round's stop alone
+    assert planned.block_length() >= 1 and planned.stop_threshold == 0.4
     assert stop_threshold(4, 0.0, DRAFT_S, 0.05) == 1.0  # nothing is accepted: every unsure token stops
 
 

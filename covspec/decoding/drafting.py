@@ -161,7 +161,7 @@ class DraftPolicy:
         self.threshold = threshold
         self.stop = stop
         self.stop_threshold = threshold
-        """The confidence stop's threshold for the current round (set with its γ by ``block_length``)."""
+        """The confidence stop's threshold for the current round (set with its γ by ``start_round``)."""
         self.branching = branching
         self._accepted = _Ema(decay)  # accepted drafts per round
         self._trials = _Ema(decay)  # accepted drafts + 1 if the round had a rejection
@@ -207,23 +207,30 @@ class DraftPolicy:
     # -- decisions -------------------------------------------------------------------------------
 
     def block_length(self) -> int:
-        """γ for the next block: fixed, or the controller's choice once α, c and L are measured. Sets the round's
-        ``stop_threshold`` too."""
-        self.stop_threshold = self.threshold
+        """γ for the next block: fixed, or the controller's choice once α, c and L are measured. No side effects
+        (branching asks it to size the block it drafts during a wait)."""
+        return self._plan()[0]
+
+    def start_round(self) -> int:
+        """γ for the block the device drafts now; also fixes the round's ``stop_threshold``."""
+        gamma, self.stop_threshold = self._plan()
+        return gamma
+
+    def _plan(self) -> tuple[int, float]:
+        """(γ, confidence-stop threshold) from the current estimates."""
         if not self.adaptive:
-            return self.gamma
+            return self.gamma, self.threshold
         e = self.estimates
         if e.alpha is None or e.draft_s is None or e.wait_s is None:
-            return self.gamma
+            return self.gamma, self.threshold
         # The fixed per-round costs (the wait and the device's own bookkeeping) enter the model as one L.
         wait = e.wait_s + (e.overhead_s or 0.0)
         alt_hit = e.alt_hit or 0.0
         gamma = choose_block_length(e.alpha, e.draft_s, 0.0, wait, self.gamma_min, self.gamma_max, self.branching,
                                     alt_hit)  # fmt: skip
-        if self.stop == "cost":
-            self.stop_threshold = min(self.threshold, stop_threshold(gamma, e.alpha, e.draft_s, wait, self.branching,
-                                                                     alt_hit))  # fmt: skip
-        return gamma
+        if self.stop == "threshold":
+            return gamma, self.threshold
+        return gamma, min(self.threshold, stop_threshold(gamma, e.alpha, e.draft_s, wait, self.branching, alt_hit))
 
     def stop_after(self, index: int, confidence: float) -> bool:
         """Confidence stop: end the block after position ``index`` (0-based) drafted with ``confidence``."""

@@ -97,7 +97,7 @@ class PipelinedLoop:
         while True:
             if seq > 0:  # per-round time that is neither drafting nor waiting: bookkeeping, frames, threads
                 self.policy.observe_overhead(time.perf_counter() - replied - (d._busy + d._idle - accounted))
-            gamma = self.policy.block_length()
+            gamma = self.policy.start_round()
             if self.policy.adaptive:
                 result.controller_gammas.append(gamma)
             rnd = self._block(live, min(gamma, s.max_new_tokens - len(committed)))
