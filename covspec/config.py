@@ -72,6 +72,7 @@ SPLITS = ("train", "val", "test")
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
 DRAFT_STOPS = ("cost", "threshold")
+MULTI_IMAGE = ("first", "concat")  # covspec.data.mmmu
 TUNE_METRICS = ("speedup", "tokens_per_s")  # what `covspec tune` maximizes (docs/tune.md)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 _MAX_SEED = 2**32 - 1  # the range every RNG we seed (random, numpy, torch) accepts
@@ -202,6 +203,9 @@ class DataConfig(_Section):
     """MMMU subjects to load (folder names, e.g. ``[Accounting, Art]``); empty: every subject. MMMU only."""
     circular: bool = False
     """MMBench CircularEval: ask each question once per rotation of its options; it counts only if all are right."""
+    multi_image: str = "first"
+    """MMMU questions with several images: ``first`` (the row's first image, as MMMU's reference evaluation of
+    single-image models) or ``concat`` (all of them side by side, left to right). MMMU only."""
 
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "benchmark"), self.benchmark, BENCHMARKS)
@@ -220,6 +224,10 @@ class DataConfig(_Section):
                 raise ConfigError(f"{key} lists {subject!r} twice")
         if self.subjects and self.benchmark != "mmmu":
             raise ConfigError(f"{key} applies to {_join(prefix, 'benchmark')}=mmmu only, got {self.benchmark!r}")
+        _check_choice(_join(prefix, "multi_image"), self.multi_image, MULTI_IMAGE)
+        if self.multi_image != "first" and self.benchmark != "mmmu":
+            raise ConfigError(f"{_join(prefix, 'multi_image')} applies to {_join(prefix, 'benchmark')}=mmmu only, "
+                              f"got {self.benchmark!r}")  # fmt: skip
         if not isinstance(self.circular, bool):
             raise ConfigError(f"{_join(prefix, 'circular')} must be true or false, got {self.circular!r}")
         if self.circular and self.benchmark != "mmbench":

@@ -122,6 +122,8 @@ def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str):
         ("drafting.threshold=1.1", "drafting.threshold must be in [0, 1], got 1.1"),
         ("drafting.policy=greedy", "drafting.policy must be one of 'fixed', 'adaptive', got 'greedy'"),
         ("drafting.stop=never", "drafting.stop must be one of 'cost', 'threshold', got 'never'"),
+        ("data.multi_image=grid", "data.multi_image must be one of 'first', 'concat', got 'grid'"),
+        ("data.multi_image=concat", "data.multi_image applies to data.benchmark=mmmu only, got 'shapes'"),
         ("pruning.method=magic", "pruning.method must be one of"),
         ("method=speculative", "method must be one of 'target_only', 'draft_only'"),
         ("methods=[covspec, nope]", "methods[1] must be one of"),

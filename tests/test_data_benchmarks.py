@@ -482,6 +482,30 @@ def test_mmmu_split_subjects_limit_and_offset(mmmu_dir: Path):
     assert [s.sample_id for s in load_mmmu(one, "val", limit=5)] == ["validation_Art_1"]
 
 
+def test_mmmu_multi_image_first_or_side_by_side(tmp_path: Path):
+    def rgb(color, w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    row = mmmu_row("Art", 2, image=rgb((255, 0, 0), 4, 2))  # image_1: red 4x2
+    row["image_3"] = {"bytes": rgb((0, 0, 255), 2, 3), "path": "b.png"}  # image_3: blue 2x3 (image_2 empty)
+    path = write_parquet(tmp_path / "Art" / "validation-00000-of-00001.parquet", [row])
+    (first,) = load_mmmu(path, "val", limit=1)
+    assert first.image().size == (4, 2) and not first.extra_images
+    (both,) = load_mmmu(path, "val", limit=1, multi_image="concat")
+    image = both.image()
+    assert image.size == (6, 3)  # side by side, left to right in column order, top-aligned
+    assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((4, 0)) == (0, 0, 255)
+    assert image.getpixel((0, 2)) == (255, 255, 255) and image.getpixel((5, 2)) == (0, 0, 255)
+    assert both.question == first.question and both.sample_id == first.sample_id
+    broken = dataclasses.replace(both, extra_images=(b"not an image",))
+    with pytest.raises(InputError, match=r"row 1 \(id validation_Art_2\): image 2 of 2 cannot be decoded"):
+        broken.image()
+    with pytest.raises(InputError, match="multi_image must be one of first, concat"):
+        load_mmmu(path, "val", limit=1, multi_image="grid")
+
+
 def test_mmmu_missing_folders_and_files(mmmu_dir: Path, tmp_path: Path):
     with pytest.raises(InputError, match=r"mmmu subject 'Biology' \(data.subjects\) not found: no folder .*Biology"):
         load_mmmu(mmmu_dir, "val", limit=1, subjects=["Biology"])

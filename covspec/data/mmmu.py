@@ -7,8 +7,10 @@ split. ``data.path`` may also be one parquet file.
 
 Columns used: ``id``, ``question``, ``options`` (a string holding a Python list literal, read with
 ``ast.literal_eval``), ``answer``, ``question_type`` (``multiple-choice`` or ``open``) and ``image_1`` ..
-``image_7`` (``{"bytes": ..., "path": ...}``). Adapters take one image, so the model sees the first image of the
-row. Multiple-choice options are lettered A, B, ... and scored by choice extraction; open answers by MMMU's
+``image_7`` (``{"bytes": ..., "path": ...}``). Adapters take one image: ``multi_image="first"`` (the default, as
+MMMU's reference evaluation of single-image models does) gives the model the row's first image; ``"concat"`` gives
+it every image of the row side by side, left to right in column order (``FileSample.extra_images``).
+Multiple-choice options are lettered A, B, ... and scored by choice extraction; open answers by MMMU's
 normalized string / number match (:mod:`covspec.data.choices`). Prompts follow MMMU's reference evaluation.
 """
 
@@ -20,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covspec.config import MULTI_IMAGE
 from covspec.data.sample import FileSample, check_dir, check_file
 from covspec.errors import InputError
 
-__all__ = ["IMAGE_COLUMNS", "SPLIT_FILES", "build_prompt", "load_mmmu", "parse_options"]
+__all__ = ["IMAGE_COLUMNS", "MULTI_IMAGE", "SPLIT_FILES", "build_prompt", "load_mmmu", "parse_options"]
 
 SPLIT_FILES = {"train": "dev", "val": "validation", "test": "test"}
 COLUMNS = ("id", "question", "options", "answer", "question_type")
@@ -69,13 +72,17 @@ def _answers(answer: str) -> tuple[str, ...]:
     return (answer,)
 
 
-def _image(row: dict, where: str) -> bytes:
+def _images(row: dict, where: str) -> list[bytes]:
+    """The row's non-empty images, in column order (at least one)."""
+    found = []
     for column in IMAGE_COLUMNS:
         cell = row.get(column)
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if isinstance(data, bytes) and data:
-            return data
-    raise InputError(f"{where}: no image ({', '.join(c for c in IMAGE_COLUMNS)} are all empty)")
+            found.append(data)
+    if not found:
+        raise InputError(f"{where}: no image ({', '.join(c for c in IMAGE_COLUMNS)} are all empty)")
+    return found
 
 
 def _files(root: Path, split: str, subjects: Sequence[str]) -> list[Path]:
@@ -113,7 +120,7 @@ def _table(path: Path):
     return pf, [c for c in COLUMNS + IMAGE_COLUMNS if c in names]
 
 
-def _sample(row: dict, split: str, subject: str, where: str) -> FileSample:
+def _sample(row: dict, split: str, subject: str, where: str, multi_image: str = "first") -> FileSample:
     for column in ("id", "question", "answer", "question_type"):
         if not isinstance(row[column], str) or not row[column].strip():
             raise InputError(f"{where}: column {column!r} is empty")
@@ -122,6 +129,7 @@ def _sample(row: dict, split: str, subject: str, where: str) -> FileSample:
     if qtype not in ("multiple-choice", "open"):
         raise InputError(f"{where}: question_type must be 'multiple-choice' or 'open', got {qtype!r}")
     answer = row["answer"].strip()
+    images = _images(row, where)
     options: dict[str, str] = {}
     if qtype == "multiple-choice":
         texts = parse_options(row["options"], where)
@@ -141,12 +149,13 @@ def _sample(row: dict, split: str, subject: str, where: str) -> FileSample:
         references=() if options else _answers(answer),
         options=tuple(options.items()),
         source=where,
-        image_bytes=_image(row, where),
+        image_bytes=images[0],
+        extra_images=tuple(images[1:]) if multi_image == "concat" else (),
     )
 
 
 def load_mmmu(
-    path: str | Path, split: str, limit: int, offset: int = 0, subjects: Sequence[str] = ()
+    path: str | Path, split: str, limit: int, offset: int = 0, subjects: Sequence[str] = (), multi_image: str = "first"
 ) -> list[FileSample]:
     """``limit`` MMMU samples from ``offset``, subjects in order (sorted when all), rows in file order.
 
@@ -158,12 +167,15 @@ def load_mmmu(
         limit: most samples to return.
         offset: index of the first sample over the concatenated subjects.
         subjects: subject folder names; empty means all.
+        multi_image: ``first`` (the row's first image) or ``concat`` (all its images side by side).
 
     Raises:
         InputError: a missing folder, file or column, or a malformed row (bad options literal, unknown question
             type, answer not among the options, no image); the message names the file and row (``row 1`` is the
             first row of the file).
     """
+    if multi_image not in MULTI_IMAGE:
+        raise InputError(f"multi_image must be one of {', '.join(MULTI_IMAGE)}, got {multi_image!r}")
     files = _files(Path(path), split, subjects)
     samples: list[FileSample] = []
     start, total = offset, 0  # start: rows still to skip before the selection begins
@@ -178,7 +190,7 @@ def load_mmmu(
         rows = pf.read(columns=columns).slice(start, take).to_pylist()
         subject = file.parent.name
         for i, row in enumerate(rows, start + 1):
-            samples.append(_sample(row, split, subject, f"mmmu {subject}/{file.name} row {i}"))
+            samples.append(_sample(row, split, subject, f"mmmu {subject}/{file.name} row {i}", multi_image))
         start = 0
         if len(samples) >= limit:
             break

@@ -52,6 +52,8 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
     subjects = list(data.subjects)
     if subjects and data.benchmark != "mmmu":
         raise ConfigError(f"data.subjects applies to data.benchmark=mmmu only, got data.benchmark={data.benchmark}")
+    if data.multi_image != "first" and data.benchmark != "mmmu":
+        raise ConfigError(f"data.multi_image applies to data.benchmark=mmmu only, got data.benchmark={data.benchmark}")
     if data.benchmark == "vqav2":
         from covspec.data.vqav2 import load_vqav2
 
@@ -63,5 +65,5 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
     if data.benchmark == "mmmu":
         from covspec.data.mmmu import load_mmmu
 
-        return load_mmmu(data.path, data.split, data.limit, data.offset, subjects)
+        return load_mmmu(data.path, data.split, data.limit, data.offset, subjects, data.multi_image)
     raise ConfigError(f"data.benchmark must be one of 'shapes', 'vqav2', 'mmbench', 'mmmu', got {data.benchmark!r}")

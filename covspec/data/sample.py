@@ -78,6 +78,9 @@ class FileSample:
     """The image file (VQAv2), or None when the image is embedded."""
     image_bytes: bytes | None = field(default=None, repr=False)
     """The encoded image (MMBench base64-decoded, MMMU parquet bytes), or None."""
+    extra_images: tuple[bytes, ...] = field(default=(), repr=False)
+    """More encoded images of a multi-image question (MMMU with ``data.multi_image=concat``): ``image()`` places
+    them right of the first, left to right in their order, top-aligned on white."""
 
     def __post_init__(self) -> None:
         assert self.metric in METRICS, self.metric
@@ -93,15 +96,30 @@ class FileSample:
         if self.image_path is not None:
             return load_image(self.image_path)
         assert self.image_bytes is not None
+        images = [self._decode(data, i) for i, data in enumerate((self.image_bytes, *self.extra_images), 1)]
+        if len(images) == 1:
+            return images[0]
+        width, height = sum(im.width for im in images), max(im.height for im in images)
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(f"{self.source}: the {len(images)} images side by side are too large ({width}x{height})")
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        x = 0
+        for im in images:
+            canvas.paste(im, (x, 0))
+            x += im.width
+        return canvas
+
+    def _decode(self, data: bytes, index: int) -> Image.Image:
+        which = "the image" if not self.extra_images else f"image {index} of {1 + len(self.extra_images)}"
         try:
-            with Image.open(io.BytesIO(self.image_bytes)) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise InputError(f"{self.source}: the image is too large ({img.width}x{img.height})")
+                    raise InputError(f"{self.source}: {which} is too large ({img.width}x{img.height})")
                 return img.convert("RGB")
         except InputError:
             raise
         except Exception as exc:  # UnidentifiedImageError, OSError, DecompressionBombError, ...
-            raise InputError(f"{self.source}: the image cannot be decoded: {exc}") from exc
+            raise InputError(f"{self.source}: {which} cannot be decoded: {exc}") from exc
 
     def score(self, prediction: str) -> float:
         """The benchmark's metric for one prediction, in [0, 1]."""
