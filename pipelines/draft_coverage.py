@@ -37,6 +37,7 @@ from covspec.cli import pipeline_main, split_config_args
 from covspec.config import Config, load_config
 from covspec.data import load_benchmark
 from covspec.decoding.autoregressive import generate
+from covspec.pruning import choose
 from covspec.runtime.engine import LocalEngine
 
 BANDS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0 + 1e-9)
@@ -50,10 +51,7 @@ def score_sample(engine: LocalEngine, image, question: str, max_new_tokens: int,
     gen = generate(target, target.prepare(image, question), max_new_tokens)
     answer = gen.token_ids + ([target.eos_token_id] if gen.finished else [])  # the EOS is verified like any token
     inputs = draft.prepare(image, question)
-    keep = counts = None
-    if pruner is not None:
-        keep = pruner.select(draft, inputs)
-        counts = None if engine.cfg.pruning.prune_target else pruner.counts(draft, inputs, keep)
+    keep, counts = (None, None) if pruner is None else choose(pruner, draft, inputs, engine.cfg.pruning.prune_target)
     state, first = draft.prefill(inputs, keep, counts)
     rows = [first[None]]
     if len(answer) > 1:

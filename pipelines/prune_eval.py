@@ -40,7 +40,7 @@ from covspec.cli import pipeline_main, split_config_args
 from covspec.config import Config, load_config
 from covspec.data import load_benchmark
 from covspec.data.metrics import exact_match
-from covspec.pruning import PRUNERS, build_pruner
+from covspec.pruning import PRUNERS, build_pruner, choose
 from covspec.runtime.edge import Edge
 from covspec.runtime.engine import LocalEngine, colocated_profile
 
@@ -122,8 +122,7 @@ def time_variants(engine_for, variants_: list[Variant], samples, repeats: int = 
                 if pruner is not None and pruner.count(inputs.num_visual_tokens) < inputs.num_visual_tokens:
                     draft.visual_features(inputs)  # the pruned prefill reuses it
                     t1 = time.perf_counter()
-                    keep = pruner.select(draft, inputs)
-                    counts = None if v.lossy else pruner.counts(draft, inputs, keep)
+                    keep, counts = choose(pruner, draft, inputs, v.lossy)
                     t2 = time.perf_counter()
                 else:
                     t1 = t2 = t0

@@ -13,6 +13,7 @@ from covspec.pruning.pruners import (
     RandomPruner,
     UniformPruner,
     build_pruner,
+    choose,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "RandomPruner",
     "UniformPruner",
     "build_pruner",
+    "choose",
 ]

@@ -274,6 +274,15 @@ class DiversityPruner(_Pruner):
         return greedy_diverse(adapter.visual_features(inputs), k)
 
 
+def choose(
+    pruner: Pruner, adapter: VLMAdapter, inputs: PromptInputs, lossy: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the draft prefills with: ``(keep, counts)`` = ``pruner.select`` and, unless ``lossy`` (the
+    ``prune_target`` mode, where the target gets the kept tokens alone and so does the draft), ``pruner.counts``."""
+    keep = pruner.select(adapter, inputs)
+    return keep, None if lossy else pruner.counts(adapter, inputs, keep)
+
+
 PRUNERS: dict[str, type[_Pruner]] = {
     cls.name: cls for cls in (JointPruner, RandomPruner, UniformPruner, AttentionPruner, DiversityPruner)
 }

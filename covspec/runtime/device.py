@@ -52,7 +52,7 @@ from covspec.protocol import (
     new_session_id,
     probs_to_bytes,
 )
-from covspec.pruning import Pruner
+from covspec.pruning import Pruner, choose
 from covspec.runtime.transport import Transport
 
 SPECULATIVE_METHODS = ("vanilla_sd", "dssd", "covspec")
@@ -309,9 +309,7 @@ class Device:
         self._compute(self.draft.visual_features, inputs)  # memoized on inputs: the pruned prefill reuses it
         vision = time.perf_counter() - t
         t = time.perf_counter()
-        keep = self._compute(self.pruner.select, self.draft, inputs)
-        if not self.settings.prune_target:  # the lossy mode's target gets the kept tokens alone: so does the draft
-            self._counts = self._compute(self.pruner.counts, self.draft, inputs, keep)  # None unless it merges
+        keep, self._counts = self._compute(choose, self.pruner, self.draft, inputs, self.settings.prune_target)
         self._timing = (time.perf_counter() - t, vision)
         return keep
 
