@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,12 @@ from covspec.data.shapes import (
     SHAPE_SIZE,
     SHAPES,
     Sample,
+    Scene,
     load_split,
     make_sample,
+    questions,
 )
-from covspec.models.toy import build_processor, toy_config
+from covspec.models.toy import IMAGE, build_processor, toy_config
 
 PATCH_CLASSES = [(c, k) for c in COLORS for k in SHAPES]
 TRAIN_KIND_WEIGHTS = {"color": 0.2, "shape": 0.2, "count": 0.1, "position": 0.2, "describe": 0.3}
@@ -52,7 +55,7 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def patch_labels(samples: list[Sample], patch: int = 8) -> torch.Tensor:
+def patch_labels(samples: list[Sample] | list[Scene], patch: int = 8) -> torch.Tensor:
     """Per-patch class of every image: 0 empty, else 1 + index of the (color, kind) whose shape covers it.
 
     Shapes fill one patch-aligned 2x2 block in the centre of their cell (``shapes.SHAPE_SIZE``), so the label
@@ -60,7 +63,7 @@ def patch_labels(samples: list[Sample], patch: int = 8) -> torch.Tensor:
     """
     labels = torch.zeros(len(samples), (IMAGE_SIZE // patch) ** 2, dtype=torch.long)
     for b, s in enumerate(samples):
-        for shape in s.scene.shapes:
+        for shape in (s.scene if isinstance(s, Sample) else s).shapes:
             labels[b, shape_patches(shape, patch)] = 1 + PATCH_CLASSES.index((shape.color, shape.kind))
     return labels
 
@@ -179,6 +182,80 @@ def collate(processor, samples: list[Sample]) -> dict[str, torch.Tensor]:
             "pixel_values": torch.from_numpy(np.stack(enc["pixel_values"]))}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class QA:
+    """One question about a packed image."""
+
+    kind: str
+    question: str
+    answer: str
+
+
+def scene_qas(scene: Scene, rng: random.Random, limit: int) -> list[QA]:
+    """Up to ``limit`` of the scene's unambiguous questions, every kind first (a random one of each), then the rest."""
+    by_kind = {k: [QA(k, q, a) for q, a in questions(scene, k)] for k in KINDS}
+    for items in by_kind.values():
+        rng.shuffle(items)
+    first = [items[0] for items in by_kind.values() if items]
+    rest = [qa for items in by_kind.values() for qa in items[1:]]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return (first + rest)[:limit]
+
+
+def collate_packed(processor, packs: list[tuple[Scene, list[QA]]]) -> dict[str, torch.Tensor]:
+    """One row per image: the shared prefix (bos, "USER:", the visual tokens) then one block per question.
+
+    Each block (question, " ASSISTANT:", answer, eos) attends to the prefix and causally to itself only, and its
+    positions continue from the prefix as if it were the only question: every block's logits are those of its own
+    single-question sequence (``tests/test_train_toy.py`` checks it), while the image is encoded and prefilled once
+    for all of them. Labels cover the answers and eos. Padding attends to itself only, so no row is fully masked.
+    """
+    tok = processor.tokenizer
+    image_token = tok.convert_tokens_to_ids(IMAGE)
+    rows, labels, positions, blocks, pixels = [], [], [], [], []
+    for scene, qas in packs:
+        image = scene.render()
+        enc = processor(images=[image] * len(qas), text=[prompt_text(processor, qa.question) for qa in qas])
+        first = list(enc["input_ids"][0])
+        split = max(i for i, t in enumerate(first) if t == image_token) + 1
+        row, lab, pos, blk = first[:split], [-100] * split, list(range(split)), [0] * split
+        for b, (ids, qa) in enumerate(zip(enc["input_ids"], qas, strict=True), start=1):
+            ids = list(ids)
+            if ids[:split] != row[:split]:
+                raise ValueError(f"question {qa.question!r} does not share the image prefix")
+            answer = tok(" " + qa.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            block = ids[split:] + answer
+            row += block
+            lab += [-100] * (len(ids) - split) + answer
+            pos += range(split, split + len(block))
+            blk += [b] * len(block)
+        rows.append(row)
+        labels.append(lab)
+        positions.append(pos)
+        blocks.append(blk)
+        pixels.append(enc["pixel_values"][0])
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), tok.pad_token_id)
+    label_t = torch.full((n, width), -100)
+    pos_t = torch.zeros((n, width), dtype=torch.long)
+    blk_t = torch.full((n, width), -1)  # -1: padding
+    for i in range(n):
+        k = len(rows[i])
+        input_ids[i, :k] = torch.tensor(rows[i])
+        label_t[i, :k] = torch.tensor(labels[i])
+        pos_t[i, :k] = torch.tensor(positions[i])
+        blk_t[i, :k] = torch.tensor(blocks[i])
+    q, k = blk_t[:, :, None], blk_t[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding (and everything) sees itself
+    mask = torch.zeros((n, 1, width, width)).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos_t, "labels": label_t,
+            "pixel_values": torch.from_numpy(np.stack(pixels))}  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate(model, processor, samples: list[Sample], max_new_tokens: int = 40) -> dict[str, dict[str, float]]:
     """Per-kind teacher-forced token accuracy and greedy exact match."""
@@ -236,7 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-loss", type=float, default=0.0, help="weight of the attention-guide loss (0: off)")
     ap.add_argument("--attn-layer", type=int, default=None, help="language-model layer the guide supervises")
     ap.add_argument("--data-offset", type=int, default=0, help="first train-split index (use fresh samples)")
+    ap.add_argument(
+        "--pack",
+        type=int,
+        default=0,
+        help="questions per image, packed in one row (0: one question per row, kind mix applies)",
+    )
+    ap.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the role's size)")
     args = ap.parse_args(argv)
+    if args.pack < 0:
+        ap.error(f"--pack must be >= 0, got {args.pack}")
+    if args.pack and args.attn_loss > 0:
+        ap.error("--attn-loss needs one question per row; it cannot be combined with --pack")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -245,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
         previous = json.loads((args.init / "training.json").read_text())
     else:
-        model = LlavaForConditionalGeneration(toy_config(args.role, processor.tokenizer))
+        config = toy_config(args.role, processor.tokenizer)
+        if args.lm_layers is not None:
+            config.text_config.num_hidden_layers = args.lm_layers
+        model = LlavaForConditionalGeneration(config)
         previous = {}
     model.generation_config = GenerationConfig(
         bos_token_id=processor.tokenizer.bos_token_id,
@@ -290,13 +381,18 @@ def main(argv: list[str] | None = None) -> int:
         "patch_loss": args.patch_loss,
         "attn_loss": args.attn_loss,
         "attn_layer": guide.layer if guide is not None else None,
+        "pack": args.pack,
     }
     for step in range(args.steps):
         batch_samples = []
         for _ in range(args.batch_size):
             batch_samples.append(make_sample("train", index, seed=args.seed, kind=rng.choices(kinds, weights)[0]))
             index += 1
-        batch = collate(processor, batch_samples)
+        if args.pack:
+            packs = [(s.scene, scene_qas(s.scene, rng, args.pack)) for s in batch_samples]
+            batch = collate_packed(processor, packs)
+        else:
+            batch = collate(processor, batch_samples)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = model(**batch).loss

@@ -3,14 +3,25 @@ auxiliary losses (per-patch probe, attention guide) that ``pipelines/train_toy.p
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from covspec.data.shapes import IMAGE_SIZE, KINDS, make_sample
+from covspec.data.shapes import IMAGE_SIZE, KINDS, Sample, make_sample, questions
 from covspec.models import toy
-from pipelines.train_toy import AttentionGuide, PatchProbe, collate, patch_labels, referent, shape_patches
+from pipelines.train_toy import (
+    AttentionGuide,
+    PatchProbe,
+    collate,
+    collate_packed,
+    patch_labels,
+    referent,
+    scene_qas,
+    shape_patches,
+)
 
 PATCH = toy.PATCH_SIZE
 SIDE = IMAGE_SIZE // PATCH
@@ -109,3 +120,48 @@ def test_patch_probe_learns_the_patch_classes(tiny_model):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_scene_qas_covers_every_kind_first_and_only_real_questions():
+    rng = random.Random(0)
+    for index in range(20):
+        scene = make_sample("train", index).scene
+        everything = {(k, q, a) for k in KINDS for q, a in questions(scene, k)}
+        qas = scene_qas(scene, rng, limit=100)
+        assert {(qa.kind, qa.question, qa.answer) for qa in qas} == everything and len(qas) == len(everything)
+        kinds_present = {k for k, _, _ in everything}
+        first = scene_qas(scene, rng, limit=len(kinds_present))
+        assert {qa.kind for qa in first} == kinds_present  # a short pack still sees every kind the scene has
+        assert len(scene_qas(scene, rng, limit=2)) == 2
+
+
+def test_packed_rows_give_each_question_the_logits_and_loss_of_its_own_sequence():
+    """Packing several questions about one image in a row (block mask + restarted positions) is exact: every
+    answer token gets the logits it gets in its single-question row, and the loss is the same mean."""
+    torch.manual_seed(1)
+    toy.TOY_SIZES["tiny-pack"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 2,
+                                  "heads": 2, "inter": 64}  # fmt: skip
+    try:
+        model = LlavaForConditionalGeneration(toy.toy_config("tiny-pack")).eval()
+    finally:
+        del toy.TOY_SIZES["tiny-pack"]
+    processor = toy.build_processor()
+    rng = random.Random(3)
+    packs = [(make_sample("train", i).scene, None) for i in (4, 9)]
+    packs = [(scene, scene_qas(scene, rng, limit=n)) for (scene, _), n in zip(packs, (5, 2), strict=True)]
+    packed = collate_packed(processor, packs)
+    singles = [Sample(f"x{j}", "train", qa.kind, qa.question, qa.answer, scene)
+               for scene, qas in packs for j, qa in enumerate(qas)]  # fmt: skip
+    single = collate(processor, singles)
+    with torch.no_grad():
+        out_p = model(**packed)
+        out_s = model(**single)
+    assert torch.allclose(out_p.loss, out_s.loss, atol=1e-5)
+    # answer-token logits, in order, from both layouts (the logit at t predicts the label at t + 1)
+    got = torch.cat([out_p.logits[b, :-1][packed["labels"][b, 1:] != -100] for b in range(len(packs))])
+    want = torch.cat([out_s.logits[b, :-1][single["labels"][b, 1:] != -100] for b in range(len(singles))])
+    assert got.shape == want.shape and got.shape[0] > 20
+    assert torch.allclose(got, want, atol=1e-4)
+    # the image is prefilled once per row: one row per image, shorter than the singles laid end to end
+    assert packed["input_ids"].shape[0] == 2
+    assert int((packed["input_ids"] == processor.tokenizer.convert_tokens_to_ids(toy.IMAGE)).sum()) == 2 * 144

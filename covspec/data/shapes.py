@@ -133,29 +133,31 @@ def _describe(scene: Scene) -> str:
     return f"{_count_phrase(len(parts))} in the image: {listed}."
 
 
-def make_question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
-    """Question and answer of ``kind`` about ``scene``, or None if the kind has no unambiguous item."""
+def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
+    """Every unambiguous (question, answer) of ``kind`` about ``scene``, in the scene's shape order (may be empty)."""
     shapes = list(scene.shapes)
     if kind == "color":
         unique = [s for s in shapes if sum(t.kind == s.kind for t in shapes) == 1]
-        if not unique:
-            return None
-        s = rng.choice(unique)
-        return f"What color is the {s.kind}?", f"The {s.kind} is {s.color}."
+        return [(f"What color is the {s.kind}?", f"The {s.kind} is {s.color}.") for s in unique]
     if kind == "shape":
         unique = [s for s in shapes if sum(t.color == s.color for t in shapes) == 1]
-        if not unique:
-            return None
-        s = rng.choice(unique)
-        return f"What shape is the {s.color} object?", f"The {s.color} object is a {s.kind}."
+        return [(f"What shape is the {s.color} object?", f"The {s.color} object is a {s.kind}.") for s in unique]
     if kind == "count":
-        return "How many shapes are there?", f"{_count_phrase(len(shapes))}."
+        return [("How many shapes are there?", f"{_count_phrase(len(shapes))}.")]
     if kind == "position":
-        s = rng.choice(shapes)
-        return f"Where is the {s.color} {s.kind}?", f"The {s.color} {s.kind} is in the {s.position}."
+        return [(f"Where is the {s.color} {s.kind}?", f"The {s.color} {s.kind} is in the {s.position}.")
+                for s in shapes]  # fmt: skip
     if kind == "describe":
-        return "Describe the image.", _describe(scene)
+        return [("Describe the image.", _describe(scene))]
     raise ValueError(f"unknown question kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def make_question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
+    """Question and answer of ``kind`` about ``scene``, or None if the kind has no unambiguous item."""
+    options = questions(scene, kind)
+    if kind in ("count", "describe"):
+        return options[0]  # one question per scene; drawing it would shift ``rng`` and with it every split
+    return rng.choice(options) if options else None
 
 
 def random_scene(rng: random.Random) -> Scene:
