@@ -182,6 +182,34 @@ def collate(processor, samples: list[Sample]) -> dict[str, torch.Tensor]:
             "pixel_values": torch.from_numpy(np.stack(enc["pixel_values"]))}  # fmt: skip
 
 
+def expand_layers(model: LlavaForConditionalGeneration, layers: int) -> list[int]:
+    """Deepen a trained language model to ``layers`` without changing what it computes (block expansion, as in
+    LLaMA Pro): a copy of a layer, with its attention output and MLP down projections zeroed, is inserted after
+    evenly spaced layers. A zeroed block adds nothing to the residual stream, so the expanded model's outputs are
+    the original's until training moves them. Returns the indices (in the new stack) of the inserted layers."""
+    lm = model.model.language_model
+    old = list(lm.layers)
+    if layers < len(old):
+        raise ValueError(f"--lm-layers {layers} is fewer than the {len(old)} layers of the checkpoint")
+    extra = layers - len(old)
+    after = {round((i + 1) * len(old) / extra) - 1 for i in range(extra)} if extra else set()
+    stack, inserted = [], []
+    for i, layer in enumerate(old):
+        stack.append(layer)
+        if i in after:
+            clone = copy.deepcopy(layer)
+            with torch.no_grad():
+                clone.self_attn.o_proj.weight.zero_()
+                clone.mlp.down_proj.weight.zero_()
+            inserted.append(len(stack))
+            stack.append(clone)
+    for idx, layer in enumerate(stack):
+        layer.self_attn.layer_idx = idx  # the KV cache is indexed by it
+    lm.layers = torch.nn.ModuleList(stack)
+    model.config.text_config.num_hidden_layers = len(stack)
+    return inserted
+
+
 @dataclass(frozen=True)
 class QA:
     """One question about a packed image."""
@@ -319,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="questions per image, packed in one row (0: one question per row, kind mix applies)",
     )
-    ap.add_argument("--lm-layers", type=int, default=None, help="language-model layers (default: the role's size)")
+    ap.add_argument(
+        "--lm-layers",
+        type=int,
+        default=None,
+        help="language-model layers (default: the role's size); with --init, deepens the checkpoint "
+        "by block expansion (inserted layers start as identities)",
+    )
     args = ap.parse_args(argv)
     if args.pack < 0:
         ap.error(f"--pack must be >= 0, got {args.pack}")
@@ -329,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     processor = build_processor()
+    expanded: list[int] = []
     if args.init is not None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
         previous = json.loads((args.init / "training.json").read_text())
+        if args.lm_layers is not None:
+            expanded = expand_layers(model, args.lm_layers)
     else:
         config = toy_config(args.role, processor.tokenizer)
         if args.lm_layers is not None:
@@ -382,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "attn_loss": args.attn_loss,
         "attn_layer": guide.layer if guide is not None else None,
         "pack": args.pack,
+        "expanded_layers": expanded or previous.get("expanded_layers", []),
     }
     for step in range(args.steps):
         batch_samples = []

@@ -17,6 +17,7 @@ from pipelines.train_toy import (
     PatchProbe,
     collate,
     collate_packed,
+    expand_layers,
     patch_labels,
     referent,
     scene_qas,
@@ -165,3 +166,35 @@ def test_packed_rows_give_each_question_the_logits_and_loss_of_its_own_sequence(
     # the image is prefilled once per row: one row per image, shorter than the singles laid end to end
     assert packed["input_ids"].shape[0] == 2
     assert int((packed["input_ids"] == processor.tokenizer.convert_tokens_to_ids(toy.IMAGE)).sum()) == 2 * 144
+
+
+def test_expanded_model_computes_what_the_original_did_and_reloads(tmp_path):
+    """Block expansion deepens the language model without changing its outputs (full forward and KV-cached greedy
+    decoding), and the saved model loads with plain transformers at the new depth."""
+    torch.manual_seed(2)
+    toy.TOY_SIZES["tiny-expand"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 3,
+                                    "heads": 2, "inter": 64}  # fmt: skip
+    try:
+        model = LlavaForConditionalGeneration(toy.toy_config("tiny-expand")).eval()
+    finally:
+        del toy.TOY_SIZES["tiny-expand"]
+    processor = toy.build_processor()
+    batch = collate(processor, [make_sample("val", i) for i in range(3)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    prompt = {k: v[:1] for k, v in collate(processor, [make_sample("val", 7)]).items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        gen_before = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    inserted = expand_layers(model, 5)
+    assert len(model.model.language_model.layers) == 5 and len(inserted) == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.language_model.layers] == list(range(5))
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-6)
+        assert torch.equal(model.generate(**prompt, max_new_tokens=6, do_sample=False), gen_before)
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.config.text_config.num_hidden_layers == 5
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, before, atol=1e-6)
+    with pytest.raises(ValueError, match="fewer than the 5 layers"):
+        expand_layers(model, 4)
