@@ -4,7 +4,7 @@
                                     [--samples 2] [--repeats 2] [--threads 1] [--out DIR]
                                     [--hidden H --layers L --heads A --kv-heads G --intermediate M --side S]
 
-Why: the embedded toy draft (a 2-layer, 96-wide language model) prefills in a few milliseconds, so pruning can
+Why: the embedded toy draft (a 1-layer, 128-wide language model) prefills in a few milliseconds, so pruning can
 save it only ~1 ms, and any pruner's fixed cost looks large beside that (``pipelines.prune_eval``). A pruner is
 meant for drafts whose prefill is real work. Time does not depend on the weights' values, so this script builds a
 **random-weight** ``LlavaForConditionalGeneration`` at a real draft's shape and times exactly what

@@ -61,10 +61,10 @@ def step_costs(target, draft, sample, steps: int = 200) -> dict[str, float]:
     return {f"{k}_step_ms": statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def measure(num_samples: int, seed: int = 0) -> dict:
+def measure(num_samples: int, seed: int = 0, target_path: str = "toy-target", draft_path: str = "toy-draft") -> dict:
     torch.set_num_threads(2)
-    target = load_adapter("toy-target")
-    draft = load_adapter("toy-draft", key="models.draft.path")
+    target = load_adapter(target_path, key="--target")
+    draft = load_adapter(draft_path, key="--draft")
     tok = target.tokenizer
     samples = load_split("test", num_samples, seed=seed)
     per_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -88,8 +88,8 @@ def measure(num_samples: int, seed: int = 0) -> dict:
     overall = {m: statistics.fmean([x for kind in per_kind.values() for x in kind[m]]) for m in per_kind[KINDS[0]]}
     costs = step_costs(target, draft, samples[0])
     train = {}
-    for role in ("target", "draft"):
-        meta = json.loads(Path(resolve_path(f"toy-{role}"), "training.json").read_text(encoding="utf-8"))
+    for role, path in (("target", target_path), ("draft", draft_path)):
+        meta = json.loads(Path(resolve_path(path), "training.json").read_text(encoding="utf-8"))
         train[role] = {"steps": meta.get("trained_steps"), "minutes": meta.get("train_seconds", 0) / 60}
     return {"samples": len(samples), "kinds": kinds, "overall": overall, "costs": costs, "training": train}
 
@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--target", default="toy-target", help="target checkpoint (default: the shipped toy target)")
+    ap.add_argument("--draft", default="toy-draft", help="draft checkpoint (default: the shipped toy draft)")
     args = ap.parse_args(argv)
-    report = measure(args.samples)
+    report = measure(args.samples, target_path=args.target, draft_path=args.draft)
     print_report(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -129,8 +129,8 @@ class AttentionGuide:
     Off by default (``--attn-loss 0``); the shipped checkpoints were trained without it. Its one trial, on a
     deeper, narrower target (language model 112 wide x 14 layers, weight 0.5, layer 4) did not help: the guided
     head put ~55% of its mass on the referred shape within 500 steps, yet color and position answers stayed at
-    chance after 1,300 steps (token accuracy flat at 0.75-0.78), where the shipped 192 x 6 target answered 55-60%
-    of them by step 1,000 without the guide. On the shipped shape (192 x 6, layer 2) the head reached ~80% mass by
+    chance after 1,300 steps (token accuracy flat at 0.75-0.78), where the then-shipped 192 x 6 target answered 55-60%
+    of them by step 1,000 without the guide. On that shape (192 x 6, layer 2) the head reached ~80% mass by
     step 650, with color / shape / position answers at 10% / 25% / 30%: no better than without it.
     """
 
@@ -337,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of random init")
     ap.add_argument("--kind-weights", default=None, help="question-kind mix, e.g. position=0.4,shape=0.3,...")
-    ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
+    ap.add_argument(
+        "--patch-loss",
+        type=float,
+        default=1.0,
+        help="weight of the per-patch auxiliary loss (its head is not saved: with --init a fresh head's "
+        "loss can pull a trained tower towards it; 0 turns it off)",
+    )
     ap.add_argument("--attn-loss", type=float, default=0.0, help="weight of the attention-guide loss (0: off)")
     ap.add_argument("--attn-layer", type=int, default=None, help="language-model layer the guide supervises")
     ap.add_argument("--data-offset", type=int, default=0, help="first train-split index (use fresh samples)")
@@ -421,6 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         "pack": args.pack,
         "expanded_layers": expanded or previous.get("expanded_layers", []),
     }
+    segment = {k: meta[k] for k in ("steps", "batch_size", "lr", "data_offset", "pack", "patch_loss", "attn_loss")}
+    segment["kind_weights"] = None if args.pack else mix  # packed rows hold every question of their scene
+    segment["expanded_to"] = args.lm_layers if expanded else None
+    earlier = previous.get("segments")
+    if earlier is None and previous:  # a checkpoint from before segments were recorded: its last segment's record
+        earlier = [{"steps": previous.get("trained_steps"), "seconds": previous.get("train_seconds"),
+                    "last": {k: previous.get(k) for k in ("steps", "batch_size", "lr", "kind_weights")}}]  # fmt: skip
+    segment_start = time.time()
     for step in range(args.steps):
         batch_samples = []
         for _ in range(args.batch_size):
@@ -453,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                 trained_steps=previous.get("trained_steps", 0) + step + 1,
                 train_seconds=round(time.time() - started, 1),
                 val=report,
-            )
+                segments=[*(earlier or []), {**segment, "steps": step + 1,
+                                             "seconds": round(time.time() - segment_start, 1)}],
+            )  # fmt: skip
             save(model, processor, args.out, meta)
             summary = " ".join(f"{k}={v['exact_match']:.2f}/{v['token_acc']:.3f}" for k, v in report.items())
             print(f"[{args.role}] eval step {step + 1}: {summary}", flush=True)
