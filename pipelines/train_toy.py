@@ -1,7 +1,15 @@
 """Train the embedded toy VLM pair (draft and target) on the shapes benchmark, on CPU.
 
-    python pipelines/train_toy.py --role target --steps 2400 --out covspec/assets/toy-target
-    python pipelines/train_toy.py --role draft  --steps 3000 --out covspec/assets/toy-draft
+The shipped pair was made like this (each checkpoint's ``training.json`` lists its segments):
+
+    # target: a 6-layer model (2,800 unpacked steps, several continuations), then deepened to 8 layers
+    python pipelines/train_toy.py --role target --lm-layers 6 --steps 2500 --out T6   # + continuations (--init)
+    python pipelines/train_toy.py --role target --init T6 --lm-layers 8 --pack 16 --batch-size 16 --steps 360 \
+        --warmup 30 --lr 5e-4 --eval-every 120 --data-offset 9000000 --out covspec/assets/toy-target
+    # draft: 1 layer, packed from scratch, then continued without the patch probe
+    python pipelines/train_toy.py --role draft --pack 16 --batch-size 16 --steps 2400 --eval-every 600 --out D1
+    python pipelines/train_toy.py --role draft --init D1 --pack 16 --batch-size 16 --steps 2000 --warmup 50 \
+        --lr 1.5e-3 --eval-every 1000 --data-offset 5000000 --patch-loss 0 --out covspec/assets/toy-draft
 
 Both roles are ``LlavaForConditionalGeneration`` built from ``covspec.models.toy.toy_config``.
 Training samples are drawn fresh from the train split (the generator is deterministic by index),
