@@ -60,15 +60,20 @@ def test_referent_is_the_shape_the_answer_names(kind: str):
             assert sample.answer.endswith(f"in the {shape.position}.")
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    toy.TOY_SIZES["tiny-test"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 2,
+def _tiny_llava(seed: int, layers: int = 2) -> LlavaForConditionalGeneration:
+    """A random toy-shaped LLaVA (the toy tokenizer and processor), small enough for a unit test."""
+    torch.manual_seed(seed)
+    toy.TOY_SIZES["tiny-test"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": layers,
                                   "heads": 2, "inter": 64}  # fmt: skip
     try:
         return LlavaForConditionalGeneration(toy.toy_config("tiny-test"))
     finally:
         del toy.TOY_SIZES["tiny-test"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _tiny_llava(seed=0)
 
 
 def test_attention_guide_loss_is_minus_log_mass_on_the_referent(tiny_model):
@@ -139,13 +144,7 @@ def test_scene_qas_covers_every_kind_first_and_only_real_questions():
 def test_packed_rows_give_each_question_the_logits_and_loss_of_its_own_sequence():
     """Packing several questions about one image in a row (block mask + restarted positions) is exact: every
     answer token gets the logits it gets in its single-question row, and the loss is the same mean."""
-    torch.manual_seed(1)
-    toy.TOY_SIZES["tiny-pack"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 2,
-                                  "heads": 2, "inter": 64}  # fmt: skip
-    try:
-        model = LlavaForConditionalGeneration(toy.toy_config("tiny-pack")).eval()
-    finally:
-        del toy.TOY_SIZES["tiny-pack"]
+    model = _tiny_llava(seed=1).eval()
     processor = toy.build_processor()
     rng = random.Random(3)
     packs = [(make_sample("train", i).scene, None) for i in (4, 9)]
@@ -171,13 +170,7 @@ def test_packed_rows_give_each_question_the_logits_and_loss_of_its_own_sequence(
 def test_expanded_model_computes_what_the_original_did_and_reloads(tmp_path):
     """Block expansion deepens the language model without changing its outputs (full forward and KV-cached greedy
     decoding), and the saved model loads with plain transformers at the new depth."""
-    torch.manual_seed(2)
-    toy.TOY_SIZES["tiny-expand"] = {"v_hidden": 32, "v_layers": 1, "v_heads": 2, "hidden": 32, "layers": 3,
-                                    "heads": 2, "inter": 64}  # fmt: skip
-    try:
-        model = LlavaForConditionalGeneration(toy.toy_config("tiny-expand")).eval()
-    finally:
-        del toy.TOY_SIZES["tiny-expand"]
+    model = _tiny_llava(seed=2, layers=3).eval()
     processor = toy.build_processor()
     batch = collate(processor, [make_sample("val", i) for i in range(3)])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
