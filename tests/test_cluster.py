@@ -75,7 +75,9 @@ def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_p
     base = by["target_only"]  # its ceiling: busy time over prefill time
     assert base["edge_capacity_ceiling_vs_target_only"] == pytest.approx(1 / base["edge_prefill_share"])
     assert by["covspec"]["edge_capacity_ceiling_vs_target_only"] > by["covspec"]["edge_capacity_vs_target_only"]
-    assert "cap ceiling" in proc.stdout
+    for row in (base, by["covspec"]):  # the CPU clock's ceiling bounds the CPU clock's capacity the same way
+        assert row["edge_capacity_ceiling_cpu_vs_target_only"] > row["edge_capacity_cpu_vs_target_only"]
+    assert "cap ceiling" in proc.stdout and "ceil/CPU" in proc.stdout
 
     import mlflow
 

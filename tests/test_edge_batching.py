@@ -125,6 +125,10 @@ def test_batched_prefill_equals_single_prefill(target):
     for m in msgs:
         edge_b.process([Frame(encode(m))])
     assert edge_a.stats.forwards == 1 and edge_b.stats.forwards == 3
+    for edge in (edge_a, edge_b):  # prefill time on both clocks, inside the edge's busy / CPU time
+        st = edge.stats
+        assert 0 < st.prefill_s <= st.busy_s and 0 < st.prefill_cpu_s <= st.cpu_s
+        assert st.to_dict()["prefill_cpu_s"] == st.prefill_cpu_s
     for m in msgs:
         a, b = edge_a.sessions[m.session_id], edge_b.sessions[m.session_id]
         assert a.state.seq_len == b.state.seq_len

@@ -249,10 +249,16 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
                     row[f"{key}_vs_target_only"] = row[key] / base[key]
             # The most this method's edge capacity could be if its verification cost nothing: tokens per second of
             # its prefill alone, against target_only's capacity. Every lossless method prefills the whole prompt.
+            # On both clocks: devices drafting on the edge's cores stretch its busy clock, not its CPU clock.
             phase = phases.get(row["method"].removesuffix(" (lossy)"))
-            prefill = phase.edge.get("prefill_s", 0.0) if phase is not None else 0.0
-            if prefill > 0 and base.get("edge_capacity"):
-                row["edge_capacity_ceiling_vs_target_only"] = row["tokens"] / prefill / base["edge_capacity"]
+            edge = phase.edge if phase is not None else {}
+            for prefill_key, cap_key, out_key in (
+                ("prefill_s", "edge_capacity", "edge_capacity_ceiling_vs_target_only"),
+                ("prefill_cpu_s", "edge_capacity_cpu", "edge_capacity_ceiling_cpu_vs_target_only"),
+            ):
+                prefill = edge.get(prefill_key, 0.0)
+                if prefill > 0 and base.get(cap_key):
+                    row[out_key] = row["tokens"] / prefill / base[cap_key]
     return out
 
 
@@ -267,6 +273,7 @@ COLUMNS = [
     ("=target", "identical_to_target_only", ".0%"), ("p50 s", "latency_p50_s", ".3f"),
     ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"),
     ("prefill", "edge_prefill_share", ".0%"), ("cap ceiling", "edge_capacity_ceiling_vs_target_only", ".2f"),
+    ("ceil/CPU", "edge_capacity_ceiling_cpu_vs_target_only", ".2f"),
     ("batch", "mean_batch", ".1f"),
 ]  # fmt: skip
 
@@ -295,7 +302,8 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         "target_only in this run.\nedge cap: generated tokens per second of edge busy time (the edge's own clock, "
         "all replicas); cap/CPU: per second of edge CPU time, which devices sharing the cores do not stretch "
         "(docs/cluster.md). prefill: share of edge busy time spent prefilling; cap ceiling: edge capacity vs "
-        "target_only if verification cost nothing and only the prefill remained (tokens / prefill time).\n"
+        "target_only if verification cost nothing and only the prefill remained (tokens / prefill time); ceil/CPU: "
+        "the same on the CPU clock (prefill CPU time against target_only's cap/CPU).\n"
         "tok/s/dev: tokens / request "
         "latency, as one device sees it. B/tok: decoding traffic per generated token (both directions, counted from "
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "

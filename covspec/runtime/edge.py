@@ -125,6 +125,7 @@ class EdgeStats:
     busy_s: float = 0.0  # wall time inside ``process`` (the edge's own clock)
     cpu_s: float = 0.0  # CPU time of the edge's process inside ``process`` (all its threads)
     prefill_s: float = 0.0  # wall time of OpenSession prefills
+    prefill_cpu_s: float = 0.0  # CPU time of the edge's process during those prefills (unstretched by co-location)
     forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
     verify_rounds: int = 0
@@ -138,6 +139,7 @@ class EdgeStats:
             "busy_s": self.busy_s,
             "cpu_s": self.cpu_s,
             "prefill_s": self.prefill_s,
+            "prefill_cpu_s": self.prefill_cpu_s,
             "forward_s": self.forward_s,
             "forwards": self.forwards,
             "verify_rounds": self.verify_rounds,
@@ -352,7 +354,7 @@ class Edge:
         """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
         if not opens:
             return
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(opens)
         plain = [i for i, o in enumerate(opens) if o.keep is None]
         if len(plain) > 1 and hasattr(self.target, "prefill_batch"):
@@ -391,6 +393,7 @@ class Edge:
             )
             o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
         self.stats.prefill_s += time.perf_counter() - t
+        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
