@@ -200,6 +200,8 @@ def expand_layers(model: LlavaForConditionalGeneration, layers: int) -> list[int
     if layers < len(old):
         raise ValueError(f"--lm-layers {layers} is fewer than the {len(old)} layers of the checkpoint")
     extra = layers - len(old)
+    if extra > len(old):
+        raise ValueError(f"--lm-layers {layers}: block expansion at most doubles the {len(old)} layers of the model")
     after = {round((i + 1) * len(old) / extra) - 1 for i in range(extra)} if extra else set()
     stack, inserted = [], []
     for i, layer in enumerate(old):
@@ -379,10 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     processor = build_processor()
     expanded: list[int] = []
     if args.init is not None:
+        if not (args.init / "config.json").is_file():
+            ap.error(f"--init {args.init}: no checkpoint there (config.json is missing)")
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
-        previous = json.loads((args.init / "training.json").read_text())
+        meta_file = args.init / "training.json"
+        previous = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if args.lm_layers is not None:
-            expanded = expand_layers(model, args.lm_layers)
+            try:
+                expanded = expand_layers(model, args.lm_layers)
+            except ValueError as exc:
+                ap.error(str(exc))
     else:
         config = toy_config(args.role, processor.tokenizer)
         if args.lm_layers is not None:

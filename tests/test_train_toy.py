@@ -12,12 +12,14 @@ from transformers import LlavaForConditionalGeneration
 
 from covspec.data.shapes import IMAGE_SIZE, KINDS, Sample, make_sample, questions
 from covspec.models import toy
+from covspec.models.loading import BUILTIN
 from pipelines.train_toy import (
     AttentionGuide,
     PatchProbe,
     collate,
     collate_packed,
     expand_layers,
+    main,
     patch_labels,
     referent,
     scene_qas,
@@ -191,3 +193,19 @@ def test_expanded_model_computes_what_the_original_did_and_reloads(tmp_path):
         assert torch.allclose(reloaded(**inputs).logits, before, atol=1e-6)
     with pytest.raises(ValueError, match="fewer than the 5 layers"):
         expand_layers(model, 4)
+    with pytest.raises(ValueError, match="at most doubles the 5 layers of the model"):
+        expand_layers(model, 11)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--init", str(BUILTIN["toy-target"]), "--lm-layers", "4"], "fewer than the 8 layers"),
+     (["--init", "no/such/dir"], "no checkpoint there"),
+     (["--pack", "-1"], "--pack must be >= 0")],
+)  # fmt: skip
+def test_bad_training_arguments_exit_2_naming_the_problem(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--role", "target", "--steps", "1", "--out", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
