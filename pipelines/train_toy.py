@@ -169,25 +169,34 @@ class AttentionGuide:
         return torch.stack(losses).mean() if losses else None
 
 
+def right_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """[len(rows), longest] long tensor of ``rows``, each padded on the right with ``fill``."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def answer_ids(tok, answer: str) -> list[int]:
+    """The supervised continuation of a prompt: the answer's tokens and eos."""
+    return tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def collate(processor, samples: list[Sample]) -> dict[str, torch.Tensor]:
     """Right-padded batch: prompt + answer + eos, labels only on answer and eos."""
     tok = processor.tokenizer
     enc = processor(images=[s.image() for s in samples], text=[prompt_text(processor, s.question) for s in samples])
     rows, labels = [], []
     for prompt_ids, s in zip(enc["input_ids"], samples, strict=True):
-        answer_ids = tok(" " + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(list(prompt_ids) + answer_ids)
-        labels.append([-100] * len(prompt_ids) + answer_ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tok.pad_token_id)
-    label_t = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        label_t[i, : len(r)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-            "pixel_values": torch.from_numpy(np.stack(enc["pixel_values"]))}  # fmt: skip
+        answer = answer_ids(tok, s.answer)
+        rows.append(list(prompt_ids) + answer)
+        labels.append([-100] * len(prompt_ids) + answer)
+    return {
+        "input_ids": right_pad(rows, tok.pad_token_id),
+        "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+        "labels": right_pad(labels, -100),
+        "pixel_values": torch.from_numpy(np.stack(enc["pixel_values"])),
+    }
 
 
 def expand_layers(model: LlavaForConditionalGeneration, layers: int) -> list[int]:
@@ -250,41 +259,33 @@ def collate_packed(processor, packs: list[tuple[Scene, list[QA]]]) -> dict[str, 
     for all of them. Labels cover the answers and eos. Padding attends to itself only, so no row is fully masked.
     """
     tok = processor.tokenizer
-    image_token = tok.convert_tokens_to_ids(IMAGE)
     rows, labels, positions, blocks, pixels = [], [], [], [], []
     for scene, qas in packs:
-        image = scene.render()
-        enc = processor(images=[image] * len(qas), text=[prompt_text(processor, qa.question) for qa in qas])
-        first = list(enc["input_ids"][0])
-        split = max(i for i, t in enumerate(first) if t == image_token) + 1
-        row, lab, pos, blk = first[:split], [-100] * split, list(range(split)), [0] * split
-        for b, (ids, qa) in enumerate(zip(enc["input_ids"], qas, strict=True), start=1):
-            ids = list(ids)
-            if ids[:split] != row[:split]:
+        # The image is processed once: the prefix is the prompt up to the image placeholder (expanded), and each
+        # question block is the prompt's text after it, tokenized as the processor tokenizes that segment.
+        texts = [prompt_text(processor, qa.question) for qa in qas]
+        cut = texts[0].index(IMAGE) + len(IMAGE)
+        enc = processor(images=[scene.render()], text=[texts[0][:cut]])
+        row = list(enc["input_ids"][0])
+        split = len(row)
+        lab, pos, blk = [-100] * split, list(range(split)), [0] * split
+        for b, (text, qa) in enumerate(zip(texts, qas, strict=True), start=1):
+            if text[:cut] != texts[0][:cut]:
                 raise ValueError(f"question {qa.question!r} does not share the image prefix")
-            answer = tok(" " + qa.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            block = ids[split:] + answer
-            row += block
-            lab += [-100] * (len(ids) - split) + answer
-            pos += range(split, split + len(block))
-            blk += [b] * len(block)
+            question = tok(text[cut:], add_special_tokens=False)["input_ids"]
+            answer = answer_ids(tok, qa.answer)
+            row += question + answer
+            lab += [-100] * len(question) + answer
+            pos += range(split, split + len(question) + len(answer))
+            blk += [b] * (len(question) + len(answer))
         rows.append(row)
         labels.append(lab)
         positions.append(pos)
         blocks.append(blk)
         pixels.append(enc["pixel_values"][0])
-    width = max(len(r) for r in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), tok.pad_token_id)
-    label_t = torch.full((n, width), -100)
-    pos_t = torch.zeros((n, width), dtype=torch.long)
-    blk_t = torch.full((n, width), -1)  # -1: padding
-    for i in range(n):
-        k = len(rows[i])
-        input_ids[i, :k] = torch.tensor(rows[i])
-        label_t[i, :k] = torch.tensor(labels[i])
-        pos_t[i, :k] = torch.tensor(positions[i])
-        blk_t[i, :k] = torch.tensor(blocks[i])
+    n, width = len(rows), max(len(r) for r in rows)
+    input_ids, label_t = right_pad(rows, tok.pad_token_id), right_pad(labels, -100)
+    pos_t, blk_t = right_pad(positions, 0), right_pad(blocks, -1)  # block -1: padding
     q, k = blk_t[:, :, None], blk_t[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & (q >= 0) & ((k == 0) | (k == q))
