@@ -63,7 +63,7 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def patch_labels(samples: list[Sample] | list[Scene], patch: int = 8) -> torch.Tensor:
+def patch_labels(samples: list[Sample], patch: int = 8) -> torch.Tensor:
     """Per-patch class of every image: 0 empty, else 1 + index of the (color, kind) whose shape covers it.
 
     Shapes fill one patch-aligned 2x2 block in the centre of their cell (``shapes.SHAPE_SIZE``), so the label
@@ -71,7 +71,7 @@ def patch_labels(samples: list[Sample] | list[Scene], patch: int = 8) -> torch.T
     """
     labels = torch.zeros(len(samples), (IMAGE_SIZE // patch) ** 2, dtype=torch.long)
     for b, s in enumerate(samples):
-        for shape in (s.scene if isinstance(s, Sample) else s).shapes:
+        for shape in s.scene.shapes:
             labels[b, shape_patches(shape, patch)] = 1 + PATCH_CLASSES.index((shape.color, shape.kind))
     return labels
 
