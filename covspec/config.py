@@ -337,8 +337,14 @@ class BranchingConfig(_Section):
     """Branches drafted while a block is verified: the main one plus budget - 1 alternatives at the least
     confident positions (0: branching off, >= 0). covspec only; see docs/drafting.md."""
 
+    tree: int = 0
+    """Alternative branches sent with each block and verified in the same round (token-tree verification): at the
+    block's least confident positions, the draft's second choice and a continuation after it. 0: the block is a
+    chain. Greedy covspec only (under sampling blocks stay chains); see docs/drafting.md."""
+
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "budget"), self.budget, 0)
+        _check_int(_join(prefix, "tree"), self.tree, 0)
 
 
 @dataclass

@@ -6,7 +6,9 @@ Variants (all method ``covspec``, same models, edge, samples and link apart from
 
 - ``fixed``: ``drafting.policy=fixed`` with ``drafting.gamma``, no branching (the conventional baseline);
 - ``adaptive``: ``drafting.policy=adaptive`` (confidence stop + controller), no branching;
-- ``adaptive+branching``: adaptive with ``branching.budget`` branches (4 when the config's budget is 0).
+- ``adaptive+branching``: adaptive with ``branching.budget`` branches (4 when the config's budget is 0);
+- ``adaptive+branching+tree``: that, and each block sent as a token tree with ``branching.tree`` alternatives
+  (2 when the config's is 0) verified in the same round (greedy; under sampling blocks stay chains).
 
 Each (RTT, variant) pair is one device on its own emulated link, serving every sample in turn (the adaptive policy's
 estimates carry over between its requests, as on a phone). For each sample ``target_only`` runs once (the greedy
@@ -48,15 +50,17 @@ from covspec.runtime.transport import InProcessTransport
 
 RTTS_MS = (5.0, 20.0, 50.0, 100.0)
 EDGES = ("process", "thread")
-VARIANTS = ("fixed", "adaptive", "adaptive+branching")
+VARIANTS = ("fixed", "adaptive", "adaptive+branching", "adaptive+branching+tree")
 DEFAULT_BUDGET = 4
+DEFAULT_TREE = 2
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
     """``cfg`` with the drafting policy and branch budget of ``variant``."""
     out = copy.deepcopy(cfg)
     out.drafting.policy = "fixed" if variant == "fixed" else "adaptive"
-    out.branching.budget = 0 if variant != "adaptive+branching" else cfg.branching.budget or DEFAULT_BUDGET
+    out.branching.budget = 0 if "branching" not in variant else cfg.branching.budget or DEFAULT_BUDGET
+    out.branching.tree = 0 if "tree" not in variant else cfg.branching.tree or DEFAULT_TREE
     out.validate()
     return out
 
@@ -149,6 +153,8 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "device_idle_fraction": _ratio(idle, busy + idle),
                 "branch_hit_rate": _ratio(hits, hits + misses),
                 "tokens_reused_per_request": sum(r["tokens_reused"] for r in rows) / max(len(rows), 1),
+                "tree_hit_rate": _ratio(sum(r["tree_hits"] for r in rows), sum(r["tree_rounds"] for r in rows)),
+                "rounds_per_request": rounds / max(len(rows), 1),
                 "identical_to_target_only": (
                     sum(r["matches_target_only"] for r in rows) / len(rows) if greedy and rows else None
                 ),
@@ -162,6 +168,7 @@ COLUMNS = [
     ("accept", "acceptance_rate", ".2f"), ("block", "mean_block_length", ".2f"),
     ("ctrl γ", "mean_controller_gamma", ".2f"), ("idle", "device_idle_fraction", ".1%"),
     ("branch hit", "branch_hit_rate", ".1%"), ("reused/req", "tokens_reused_per_request", ".1f"),
+    ("rounds/req", "rounds_per_request", ".2f"), ("tree hit", "tree_hit_rate", ".1%"),
     ("=target", "identical_to_target_only", ".0%"),
 ]  # fmt: skip
 
@@ -180,7 +187,7 @@ def print_table(report: dict[str, Any], summary: list[dict[str, Any]], file=None
         title=f"drafting bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
         f"T={cfg.generation.temperature:g}, fixed gamma={d.gamma}, adaptive gamma in [{d.gamma_min}, {d.gamma_max}], "
         f"threshold {d.threshold:g}, "
-        f"budget {cfg.branching.budget or DEFAULT_BUDGET}, jitter {link.jitter_ms:g} ms, "
+        f"budget {cfg.branching.budget or DEFAULT_BUDGET}, tree {cfg.branching.tree or DEFAULT_TREE}, jitter {link.jitter_ms:g} ms, "
         f"compute slowdown {link.compute_slowdown:g}, edge in a {report.get('edge', 'thread')}"
     )
     for title, _, _ in COLUMNS:

@@ -319,3 +319,9 @@ def test_gpu_smoke_reports_a_failing_check(monkeypatch, capsys):
     argv = ["--device", "cpu", "--families", "llava_next", "--samples", "1", "--tokens", "4"]
     assert gpu_smoke.main(argv) == 1
     assert "adapter FAILED: CheckFailed: greedy: injected" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_token_tree_scores_every_branch_as_its_chain(adapters, prompts, family):
+    target, _ = adapters[family]
+    C.check_tree_verify(target, target.prepare(*prompts[0]), target.prepare(*prompts[2]))

@@ -57,6 +57,7 @@ class Branch:
     done: bool = False  # drafted as far as the next block would go
     kv: Any = None  # its cache suffix from the root on, while it is not the live path (runtime-owned)
     logits: torch.Tensor | None = None  # [V] next-token logits after its last fed token (runtime-owned)
+    node: int = -1  # sent in a token tree: the index of its bet among the tree's nodes (runtime-owned)
 
 
 def reach_probabilities(block: list[DraftToken]) -> list[float]:

@@ -70,9 +70,38 @@ def biased_causal_mask(key_bias: torch.Tensor, past: int, k: int, dtype: torch.d
     return mask[None, None]
 
 
-def decode_mask(state: DecodeState, k: int, dtype: torch.dtype) -> torch.Tensor | None:
+def tree_mask(parents: list[int], past: int, key_bias: torch.Tensor | None, dtype: torch.dtype,
+              device: torch.device | str) -> torch.Tensor:  # fmt: skip
+    """The 4-D additive mask [1, 1, k, past + k] of a token tree after ``past`` cache entries: every past entry
+    visible (shifted by ``key_bias`` where given), and among the new tokens each sees itself and its ancestors
+    (``covspec.decoding.tree``). A chain's parents give ``biased_causal_mask``."""
+    from covspec.decoding.tree import ancestors
+
+    k = len(parents)
+    mask = torch.zeros(k, past + k, dtype=dtype, device=device)
+    if key_bias is not None:
+        n = min(int(key_bias.shape[0]), past)
+        mask[:, :n] = key_bias[:n].to(dtype=dtype, device=device)
+    mask[:, past:].masked_fill_(~ancestors(parents, device), torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def tree_offsets(parents: list[int] | None, k: int, device: torch.device | str) -> torch.Tensor:
+    """[k] position offsets of k new tokens: 0..k-1 for a chain (``parents`` None), each node's depth in a tree."""
+    if parents is None:
+        return torch.arange(k, device=device)
+    from covspec.decoding.tree import depths
+
+    return torch.tensor(depths(parents), dtype=torch.long, device=device)
+
+
+def decode_mask(state: DecodeState, k: int, dtype: torch.dtype, parents: list[int] | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor | None:  # fmt: skip
     """The attention mask of k new tokens on ``state``: None (the model's own causal mask) unless it was prefilled
-    with merge counts, then ``biased_causal_mask`` with its key bias."""
+    with merge counts, then ``biased_causal_mask`` with its key bias; a token tree (``parents``) always gets
+    ``tree_mask``."""
+    if parents is not None:
+        return tree_mask(parents, state.cache_len, state.key_bias, dtype, device)
     if state.key_bias is None:
         return None
     return biased_causal_mask(state.key_bias, state.cache_len, k, dtype)
@@ -155,11 +184,15 @@ class VLMAdapter(Protocol):
         """
         ...
 
-    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
-        """Score ``token_ids`` [k] at the next k positions in one forward; extends the state.
+    def forward(self, state: DecodeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
+        """Score ``token_ids`` [k] at the next k positions in one forward; extends the state by k entries.
+
+        With ``parents`` the k tokens are a token tree (``covspec.decoding.tree``): node i gets the position of its
+        depth and attends to the cache and its ancestors only. ``covspec.models.kvcache.keep_nodes`` then keeps the
+        accepted path's entries.
 
         Returns:
-            logits [k, V]: row i is the distribution after token_ids[: i + 1].
+            logits [k, V]: row i is the distribution after token_ids[: i + 1] (in a tree: after the path to node i).
         """
         ...
 

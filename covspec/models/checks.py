@@ -10,6 +10,9 @@ Each check runs one property on one adapter and raises ``CheckFailed`` (an ``Ass
   tokens continuing at ``max(prompt positions) + 1`` (computed here from the model's own position function);
 - ``check_prepare_from_ids``: ids tokenized elsewhere (and with resized placeholder runs) rebuild the same inputs;
 - ``check_forward_batch``: batched scoring across sessions of different lengths equals per-session forwards;
+- ``check_tree_verify``: scoring a token tree in one forward gives each node the logits of the chain to it, and
+  keeping one path's cache entries (``kvcache.keep_nodes``) leaves the cache of that chain (alone, batched with a
+  chain session, and after a merged-pruned prefill);
 - ``check_engine_greedy``: covspec greedy through the in-process engine equals target-only greedy.
 
 ``step_timings`` measures prefill, one decode step and a k-token verification (medians, device-synchronized).
@@ -196,6 +199,53 @@ def check_forward_batch(
         diff = max(
             diff, _close(f"forward after forward_batch, session {i}", after[i], adapter.forward(ref, block[:1]), atol)
         )
+    return diff
+
+
+TREE_PARENTS = [-1, 0, 1, 0, 3, -1, 5]  # two branches at the root, one forking at node 0
+"""The tree ``check_tree_verify`` scores (7 nodes; ``TREE_TOKENS`` are its default tokens)."""
+TREE_TOKENS = torch.tensor([7, 9, 11, 12, 13, 8, 10])
+
+
+def check_tree_verify(
+    adapter: VLMAdapter, inputs: PromptInputs, other: PromptInputs, tokens: torch.Tensor = TREE_TOKENS,
+    parents: list[int] = TREE_PARENTS, atol: float = 1e-4,
+) -> float:  # fmt: skip
+    """A token tree scored in one forward (single, batched next to a chain session, and on a merged-pruned prefill)
+    equals scoring each root-to-node chain; after ``keep_nodes`` on a path, the next step equals the chain's."""
+    from covspec.decoding.tree import path_to
+    from covspec.models.kvcache import keep_nodes
+
+    n = inputs.num_visual_tokens
+    keep = torch.arange(0, n, 2)
+    counts = torch.full((int(keep.shape[0]),), 2)
+    diff = 0.0
+    for label, prefill in (("tree", lambda: adapter.prefill(inputs)),
+                           ("tree, merged-pruned prefill", lambda: adapter.prefill(inputs, keep, counts))):  # fmt: skip
+        state, _ = prefill()
+        base = state.seq_len
+        rows = adapter.forward(state, tokens, parents)
+        for leaf in range(len(parents)):
+            ref, _ = prefill()
+            chain = adapter.forward(ref, tokens[path_to(parents, leaf)])
+            diff = max(diff, _close(f"{label}: node {leaf} vs its chain", rows[leaf], chain[-1], atol))
+        path = path_to(parents, 4)
+        keep_nodes(state, base, path)
+        ref, _ = prefill()
+        adapter.forward(ref, tokens[path])
+        if (state.seq_len, state.cache_len) != (ref.seq_len, ref.cache_len):
+            raise CheckFailed(f"{label}: keep_nodes left {state.seq_len} positions, the chain has {ref.seq_len}")
+        nxt = tokens[:2]
+        diff = max(diff, _close(f"{label}: step after keep_nodes", adapter.forward(state, nxt),
+                                adapter.forward(ref, nxt), atol))  # fmt: skip
+    if hasattr(adapter, "forward_batch"):
+        a, _ = adapter.prefill(inputs)
+        b, _ = adapter.prefill(other)
+        got = adapter.forward_batch([a, b], [tokens, tokens[:3]], [parents, None])
+        ref_a, _ = adapter.prefill(inputs)
+        ref_b, _ = adapter.prefill(other)
+        diff = max(diff, _close("batched tree session", got[0], adapter.forward(ref_a, tokens, parents), atol))
+        diff = max(diff, _close("batched chain session", got[1], adapter.forward(ref_b, tokens[:3]), atol))
     return diff
 
 

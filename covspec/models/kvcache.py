@@ -10,6 +10,7 @@ step's cache update costs). Positions are logical (``DecodeState.seq_len``); pru
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -78,28 +79,50 @@ class PaddedBatch:
     width: int
 
 
-def pad_batch(states: list[DecodeState], token_ids: list[torch.Tensor], config, device, next_positions) -> PaddedBatch:
+def pad_batch(
+    states: list[DecodeState], token_ids: list[torch.Tensor], config, device, next_positions,
+    parents: list[list[int] | None] | None = None, dtype: torch.dtype = torch.float32,
+) -> PaddedBatch:  # fmt: skip
     """Inputs of one forward scoring ``token_ids[i]`` after ``states[i]`` for sessions of different lengths.
 
     ``next_positions(state, k)`` gives the [k] position ids following ``state`` (1-D positions, or one M-RoPE row).
+    ``parents[i]``, when given, makes session i's tokens a token tree (``covspec.decoding.tree``): its rows get
+    their depth's position and the mask becomes 4-D (``dtype``, additive), each node seeing its own session's
+    cache, its ancestors and itself. Without trees the mask stays 2-D and the model builds the causal part.
     """
     from transformers import DynamicCache
+
+    from covspec.decoding.tree import ancestors, chain, depths
 
     if len(states) != len(token_ids):
         raise ValueError(f"{len(states)} states but {len(token_ids)} token blocks")
     lengths = [int(t.shape[0]) for t in token_ids]
     if min(lengths, default=1) < 1:
         raise ValueError("every session needs at least one token to score")
+    trees = parents if parents is not None and any(p is not None for p in parents) else None
     past = [s.cache_len for s in states]
     width, k_max, batch = max(past), max(lengths), len(states)
-    mask = torch.zeros(batch, width + k_max, dtype=torch.long, device=device)
+    if trees is None:
+        mask = torch.zeros(batch, width + k_max, dtype=torch.long, device=device)
+    else:
+        mask = torch.full((batch, 1, k_max, width + k_max), torch.finfo(dtype).min, dtype=dtype, device=device)
     ids = torch.zeros(batch, k_max, dtype=torch.long, device=device)
     positions = torch.zeros(batch, k_max, dtype=torch.long, device=device)
     for i, (state, toks) in enumerate(zip(states, token_ids, strict=True)):
-        mask[i, width - past[i] : width] = 1
-        mask[i, width : width + lengths[i]] = 1
-        ids[i, : lengths[i]] = toks.to(device)
+        n = lengths[i]
+        ids[i, :n] = toks.to(device)
         positions[i] = next_positions(state, k_max)
+        if trees is None:
+            mask[i, width - past[i] : width] = 1
+            mask[i, width : width + n] = 1
+            continue
+        tree = trees[i] if trees[i] is not None else chain(n)
+        if len(tree) != n:
+            raise ValueError(f"session {i}: {len(tree)} parents for {n} tokens")
+        positions[i, :n] = positions[i, torch.tensor(depths(tree), device=device)]
+        mask[i, 0, :, width - past[i] : width] = 0
+        mask[i, 0, :n, width : width + n].masked_fill_(ancestors(tree, device), 0)
+        mask[i, 0, n:, width:].fill_(0)  # pad queries (discarded) see everything: no row is fully masked
     cache = DynamicCache(config=config)
     for layer_idx in range(len(states[0].cache.layers)):
         keys, values = [], []
@@ -109,6 +132,26 @@ def pad_batch(states: list[DecodeState], token_ids: list[torch.Tensor], config, 
             values.append(torch.nn.functional.pad(layer.values, (0, 0, width - n, 0)))
         cache.update(torch.cat(keys), torch.cat(values), layer_idx)
     return PaddedBatch(ids, mask, positions, cache, past, lengths, width)
+
+
+def keep_nodes(state: DecodeState, start: int, nodes: list[int]) -> None:
+    """Keep, of the cache entries from logical position ``start`` on, only those at offsets ``nodes`` (in order):
+    after a token tree was scored, the accepted path's entries become a plain chain. Each kept entry was computed
+    at its depth's position attending to its ancestors only, so the result equals the cache of scoring the path
+    alone (up to float rounding)."""
+    if not state.pruned <= start <= state.seq_len:
+        raise ValueError(f"start {start} outside the cache (positions {state.pruned}..{state.seq_len})")
+    i0, extra = start - state.pruned, state.seq_len - start
+    if any(not 0 <= n < extra for n in nodes) or any(b <= a for a, b in itertools.pairwise(nodes)):
+        raise ValueError(f"nodes {nodes} must be increasing offsets below {extra}")
+    if nodes == list(range(len(nodes))):
+        rollback(state, start + len(nodes))
+        return
+    index = torch.tensor(nodes, dtype=torch.long, device=state.cache.layers[0].keys.device) + i0
+    for layer in state.cache.layers:
+        layer.keys = torch.cat([layer.keys[..., :i0, :], layer.keys.index_select(-2, index)], dim=-2)
+        layer.values = torch.cat([layer.values[..., :i0, :], layer.values.index_select(-2, index)], dim=-2)
+    state.seq_len = start + len(nodes)
 
 
 def unpad_batch(batch: PaddedBatch, states: list[DecodeState]) -> None:

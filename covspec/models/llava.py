@@ -23,6 +23,7 @@ from covspec.models.base import (
     eos_id_list,
     merge_bias,
     require_unbiased,
+    tree_offsets,
 )
 
 
@@ -184,13 +185,13 @@ class LlavaAdapter:
         return torch.nonzero(mask).flatten()
 
     @torch.inference_mode()
-    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: DecodeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
         k = int(token_ids.shape[0])
-        position_ids = torch.arange(state.seq_len, state.seq_len + k, device=self.device)[None]
+        position_ids = (state.seq_len + tree_offsets(parents, k, self.device))[None]
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=position_ids,
-            attention_mask=decode_mask(state, k, self.model.dtype),
+            attention_mask=decode_mask(state, k, self.model.dtype, parents, self.device),
             cache=state.cache,
             use_cache=True,
         )
@@ -198,8 +199,12 @@ class LlavaAdapter:
         return out.logits[0]
 
     @torch.inference_mode()
-    def forward_batch(self, states: list[DecodeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_batch(
+        self, states: list[DecodeState], token_ids: list[torch.Tensor], parents: list[list[int] | None] | None = None
+    ) -> list[torch.Tensor]:
         """Score ``token_ids[i]`` ([k_i]) after ``states[i]`` for every session in one batched forward.
+
+        ``parents[i]``: session i's tokens form a token tree (see ``forward``); the mask is then 4-D.
 
         Sessions have different cache lengths and block lengths: each session's keys/values are left-padded to the
         longest cache and its new tokens right-padded to the longest block; a 2-D attention mask zeroes both pads
@@ -211,10 +216,11 @@ class LlavaAdapter:
             Per session, logits [k_i, V] (equal to ``forward`` up to float rounding, ~1e-6).
         """
         if len(states) == 1 and len(token_ids) == 1:
-            return [self.forward(states[0], token_ids[0])]
+            return [self.forward(states[0], token_ids[0], None if parents is None else parents[0])]
         require_unbiased(states)
         b = kvcache.pad_batch(states, token_ids, self.model.config, self.device,
-                      lambda s, k: torch.arange(s.seq_len, s.seq_len + k, device=self.device))  # fmt: skip
+                      lambda s, k: torch.arange(s.seq_len, s.seq_len + k, device=self.device),
+                      parents, self.model.dtype)  # fmt: skip
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, cache=b.cache,
                          use_cache=True)  # fmt: skip
         kvcache.unpad_batch(b, states)

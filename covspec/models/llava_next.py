@@ -91,8 +91,10 @@ class LlavaNextAdapter(LlavaAdapter):
         state = DecodeState(cache=cache, seq_len=int(inputs.input_ids.shape[0]))
         return state, out.logits[0, -1, : self.vocab_size]
 
-    def forward(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(state, token_ids)[:, : self.vocab_size]
+    def forward(self, state: DecodeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
+        return super().forward(state, token_ids, parents)[:, : self.vocab_size]
 
-    def forward_batch(self, states: list[DecodeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [logits[:, : self.vocab_size] for logits in super().forward_batch(states, token_ids)]
+    def forward_batch(
+        self, states: list[DecodeState], token_ids: list[torch.Tensor], parents: list[list[int] | None] | None = None
+    ) -> list[torch.Tensor]:
+        return [logits[:, : self.vocab_size] for logits in super().forward_batch(states, token_ids, parents)]

@@ -30,6 +30,7 @@ from covspec.models.base import (
     eos_id_list,
     merge_bias,
     require_unbiased,
+    tree_offsets,
 )
 from covspec.models.llava import LlavaAdapter
 
@@ -205,12 +206,13 @@ class Qwen2VLAdapter:
         return torch.arange(start, start + k, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, state: MRopeState, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: MRopeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
         k = int(token_ids.shape[0])
+        positions = state.seq_len + state.rope_delta + tree_offsets(parents, k, self.device)
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
-            position_ids=self._positions(state, k).expand(3, 1, k),
-            attention_mask=decode_mask(state, k, self.model.dtype),
+            position_ids=positions.expand(3, 1, k),
+            attention_mask=decode_mask(state, k, self.model.dtype, parents, self.device),
             cache=state.cache,
             use_cache=True,
         )
@@ -218,7 +220,9 @@ class Qwen2VLAdapter:
         return out.logits[0, :, : self.vocab_size]
 
     @torch.inference_mode()
-    def forward_batch(self, states: list[MRopeState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_batch(
+        self, states: list[MRopeState], token_ids: list[torch.Tensor], parents: list[list[int] | None] | None = None
+    ) -> list[torch.Tensor]:
         """Score ``token_ids[i]`` ([k_i]) after ``states[i]`` for every session in one batched forward.
 
         Same scheme as ``LlavaAdapter.forward_batch`` (``covspec.models.kvcache.pad_batch``), with each row's M-RoPE
@@ -228,9 +232,10 @@ class Qwen2VLAdapter:
             Per session, logits [k_i, V] (equal to ``forward`` up to float rounding).
         """
         if len(states) == 1 and len(token_ids) == 1:
-            return [self.forward(states[0], token_ids[0])]
+            return [self.forward(states[0], token_ids[0], None if parents is None else parents[0])]
         require_unbiased(states)
-        b = kvcache.pad_batch(states, token_ids, self.model.config, self.device, self._positions)
+        b = kvcache.pad_batch(states, token_ids, self.model.config, self.device, self._positions, parents,
+                              self.model.dtype)  # fmt: skip
         out = self.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions.expand(3, -1, -1),
                          cache=b.cache, use_cache=True)  # fmt: skip
         kvcache.unpad_batch(b, states)

@@ -10,6 +10,7 @@ from collections.abc import Container, Sequence
 
 import numpy as np
 
+from covspec.decoding.tree import check_tree
 from covspec.protocol.messages import (
     Close,
     ErrorCode,
@@ -132,6 +133,17 @@ def _check_verify_request(
         )
     if mode == "target_only":
         raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "VerifyRequest in a target_only session")
+    if msg.parents:
+        if len(msg.parents) != k:
+            raise ProtocolError(ErrorCode.LENGTH_MISMATCH, f"parents has {len(msg.parents)} entries for {k} draft_ids")
+        if sampling or msg.draft_probs:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "parents (a token tree) need greedy decoding")
+        if mode is not None and mode != "covspec":
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"parents (a token tree) in a {mode} session (covspec only)")
+        try:
+            check_tree(msg.draft_ids, msg.parents)
+        except ValueError as e:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
     if mode is not None:
         _check_rows("draft_dists", msg.draft_dists, k if mode == "vanilla_sd" else 0, vocab_size)
 
@@ -144,6 +156,10 @@ def _check_verify_response(
         raise ProtocolError(ErrorCode.OUT_OF_VOCAB, f"token = {msg.token} is outside the vocabulary of {vocab_size}")
     if num_drafted is not None and msg.num_accepted > num_drafted:
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"num_accepted = {msg.num_accepted} > {num_drafted} drafted")
+    if num_drafted is not None and msg.leaf >= num_drafted:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {msg.leaf} is not one of the {num_drafted} drafted")
+    if msg.leaf >= 0 and msg.num_accepted == 0:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {msg.leaf} with num_accepted = {msg.num_accepted}")
     if msg.candidate_ids and msg.token != -1:
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"token = {msg.token} alongside candidates (must be -1)")
     if msg.candidate_ids and (mode not in (None, "covspec") or sampling is False):

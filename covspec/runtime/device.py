@@ -112,12 +112,13 @@ class DeviceSettings:
     threshold: float = 0.4  # confidence stop: end a block after a token drafted with top probability below this
     stop: str = "threshold"  # the stop's threshold: threshold (fixed) or cost (the cost model's, capped)
     branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
+    tree: int = 0  # alternative branches sent with each block and verified in the same round (greedy only); 0: chain
     prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
 
     @property
     def pipelined(self) -> bool:
         """Whether requests go through the pipelined loop instead of the fixed-gamma one."""
-        return self.policy == "adaptive" or self.branch_budget > 0
+        return self.policy == "adaptive" or self.branch_budget > 0 or self.tree > 0
 
 
 @dataclass
@@ -145,6 +146,8 @@ class RequestResult:
     branch_hits: int = 0  # rounds whose next block started from a branch drafted during the wait
     branch_misses: int = 0  # rounds (with branching on) where no branch matched the verdict
     tokens_reused: int = 0  # drafts taken from matching branches into later blocks
+    tree_rounds: int = 0  # rounds that sent a token tree (branching.tree > 0, greedy)
+    tree_hits: int = 0  # tree rounds whose accepted path went through an alternative branch
     controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
     session_reopens: int = 0  # times the edge session was lost and reopened from the committed tokens
 
@@ -181,6 +184,8 @@ class RequestResult:
             "branch_misses": self.branch_misses,
             "branch_hit_rate": self.branch_hits / branch_rounds if branch_rounds else None,
             "tokens_reused": self.tokens_reused,
+            "tree_rounds": self.tree_rounds,
+            "tree_hits": self.tree_hits,
             "controller_gammas": self.controller_gammas,
             "session_reopens": self.session_reopens,
             "visual_tokens": self.visual_tokens,
@@ -429,30 +434,37 @@ class Device:
         return self._close(result, committed, start)
 
     def _send_block(
-        self, seq: int, ids: list[int], q_rows: torch.Tensor, committed: list[int], last_token: int
-    ) -> None:
-        """VerifyRequest for a drafted block: ids, q(x_i) when sampling, all q rows for vanilla_sd."""
+        self, seq: int, ids: list[int], q_rows: torch.Tensor, committed: list[int], last_token: int,
+        parents: list[int] | None = None,
+    ) -> None:  # fmt: skip
+        """VerifyRequest for a drafted block: ids, q(x_i) when sampling, all q rows for vanilla_sd; ``parents``
+        make it a token tree (greedy covspec)."""
         s = self.settings
         block = VerifyRequest(
             self.session.sid, seq, ids, committed_len=len(committed), last_token=last_token,
             draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
             draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
+            parents=parents or [],
         )  # fmt: skip
         self.session.in_flight = (block, list(committed))
         self.transport.send(block)
 
     def _settle_round(
         self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
-        gen: torch.Generator, result: RequestResult, committed: list[int], start: float,
+        gen: torch.Generator, result: RequestResult, committed: list[int], start: float, drafted: int | None = None,
     ) -> tuple[int | None, bool]:  # fmt: skip
         """Check the verdict, commit the accepted drafts and the round's last token, record the round.
 
+        ``ids``/``q_rows``: the drafted chain, or for a token tree the accepted path (``drafted``: the tree's size).
         Returns the committed bonus/correction (None when the round ended on EOS) and whether the request is done.
         """
         s = self.settings
         eos = self.draft.eos_token_ids
+        drafted = len(ids) if drafted is None else drafted
         check_against(reply, self.draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
-                      num_drafted=len(ids), expected_seq=seq)  # fmt: skip
+                      num_drafted=drafted, expected_seq=seq)  # fmt: skip
+        if reply.num_accepted > len(ids):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"num_accepted = {reply.num_accepted} beyond the path")
         n = reply.num_accepted
         more_before = result.more_candidate_requests
         self.session.in_flight = None
@@ -462,9 +474,9 @@ class Device:
         if not result.token_ids and n + (token is not None) > 0:
             result.ttft_s = time.perf_counter() - start
         result.rounds += 1
-        result.num_drafted += len(ids)
+        result.num_drafted += drafted
         result.num_accepted += n
-        result.round_log.append(Round(len(ids), n, result.more_candidate_requests - more_before))
+        result.round_log.append(Round(drafted, n, result.more_candidate_requests - more_before))
         hit_eos = n > 0 and ids[n - 1] in eos
         committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
         done = hit_eos or token is None or token in eos

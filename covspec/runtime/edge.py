@@ -31,13 +31,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 from PIL import Image
 
 from covspec.decoding.sampling import probs_from_logits, sample
+from covspec.decoding.tree import check_tree, depths, verify_greedy_tree
 from covspec.decoding.verify import sample_candidates, verify_greedy, verify_sampling
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
+from covspec.models.kvcache import keep_nodes
 from covspec.protocol import (
     UP_MESSAGES,
     Close,
@@ -168,6 +171,7 @@ class _Job:
     session: Session
     tokens: list[int]
     finish: Callable[[torch.Tensor], list[Message]]
+    parents: list[int] | None = None  # a token tree over ``tokens`` (covspec.decoding.tree); None: a chain
 
 
 class Edge:
@@ -307,11 +311,13 @@ class Edge:
         items = list(jobs.items())
         states = [job.session.state for _, job in items]
         tokens = [torch.tensor(job.tokens) for _, job in items]
+        trees = [job.parents for _, job in items]
         t = time.perf_counter()
         if len(items) > 1 and hasattr(self.target, "forward_batch"):
-            logits = self.target.forward_batch(states, tokens)
+            logits = self.target.forward_batch(states, tokens, trees if any(trees) else None)
         else:
-            logits = [self.target.forward(st, tk) for st, tk in zip(states, tokens, strict=True)]
+            logits = [self.target.forward(st, tk, *([tr] if tr else []))
+                      for st, tk, tr in zip(states, tokens, trees, strict=True)]  # fmt: skip
             self.stats.forwards += len(items) - 1
         self.stats.forward_s += time.perf_counter() - t
         self.stats.forwards += 1
@@ -458,19 +464,50 @@ class Edge:
         check_against(msg, self.vocab_size, mode=s.method, sampling=s.sampling, expected_seq=s.seq,
                       committed_len=committed)  # fmt: skip
         self._check_last_token(s, msg)
-        if committed + len(msg.draft_ids) > s.max_new_tokens:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {len(msg.draft_ids)} exceeds max_new_tokens")
-        if not self.target.eos_token_ids.isdisjoint(msg.draft_ids[:-1]):
+        tree = msg.parents or None
+        depth = len(msg.draft_ids) if tree is None else max(depths(tree)) + 1
+        if committed + depth > s.max_new_tokens:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {depth} tokens exceeds max_new_tokens")
+        if tree is None and not self.target.eos_token_ids.isdisjoint(msg.draft_ids[:-1]):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
+        if tree is not None:
+            try:
+                check_tree(msg.draft_ids, tree, self.target.eos_token_ids)
+            except ValueError as e:
+                raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
         prefix = [] if msg.last_token < 0 else [msg.last_token]
         base_len = s.state.seq_len
 
         def finish(logits: torch.Tensor) -> list[Message]:  # [c + k, V]
+            if tree is not None:
+                return [self._verify_tree_finish(s, msg, prefix, base_len, logits)]
             return [self._verify_finish(s, msg, prefix, base_len, logits, q if s.sampling else None)]
 
-        return _Job(s, prefix + list(msg.draft_ids), finish)
+        # The job's tree: the carried token (if any) first, the drafted tree hanging from it.
+        job_tree = None if tree is None else [*(range(-1, len(prefix) - 1)), *(p + len(prefix) if p >= 0
+                                               else len(prefix) - 1 for p in tree)]  # fmt: skip
+        return _Job(s, prefix + list(msg.draft_ids), finish, job_tree)
+
+    def _verify_tree_finish(
+        self, s: Session, msg: VerifyRequest, prefix: list[int], base_len: int, logits: torch.Tensor
+    ) -> VerifyResponse:
+        """Greedy verdict on a token tree: walk it with the target's argmax, keep the accepted path's cache
+        entries (``kvcache.keep_nodes``) and answer with its last node."""
+        self.stats.verify_rounds += 1
+        rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: row i + 1 after node i
+        path, _ = verify_greedy_tree(msg.draft_ids, msg.parents, rows, self.target.eos_token_ids)
+        s.committed.extend(prefix + [msg.draft_ids[i] for i in path])
+        keep_nodes(s.state, base_len, list(range(len(prefix))) + [len(prefix) + i for i in path])
+        path_rows = rows[[0] + [i + 1 for i in path]]  # [n + 1, V]: the chain's rows along the path
+        s.last_logits = path_rows[-1]
+        s.seq += 1
+        s.verified += 1
+        s.more_requests = 0
+        p = probs_from_logits(path_rows.float(), s.temperature, s.top_p)
+        verdict = self._verdict(s, msg, p, len(path), None)
+        return msgspec.structs.replace(verdict, leaf=path[-1] if path else -1)
 
     def _verify_finish(
         self, s: Session, msg: VerifyRequest, prefix: list[int], base_len: int, logits: torch.Tensor,

@@ -82,6 +82,7 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
         threshold=cfg.drafting.threshold,
         stop=cfg.drafting.stop,
         branch_budget=cfg.branching.budget if method == "covspec" else 0,
+        tree=cfg.branching.tree if method == "covspec" else 0,
         prune_target=cfg.pruning.prune_target,
     )
 

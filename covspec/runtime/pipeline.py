@@ -32,11 +32,12 @@ import torch
 from covspec.decoding.branching import Branch, DraftToken, match, plan_alternatives
 from covspec.decoding.drafting import DraftPolicy
 from covspec.decoding.sampling import probs_from_logits, sample
+from covspec.decoding.tree import chain, path_to
 from covspec.models.kvcache import KVSuffix, graft, take_suffix
-from covspec.protocol import (
-    VerifyResponse,
-)
+from covspec.protocol import ErrorCode, ProtocolError, VerifyResponse
 from covspec.runtime.device import Device, DeviceSettings, RequestResult
+
+TREE_DEPTH = "block"
 
 if TYPE_CHECKING:
     from covspec.models.base import DecodeState
@@ -60,6 +61,23 @@ class _Round:
     split: int | None = None  # where the cache was cut to draft alternatives
     main_tail: KVSuffix | None = None  # the main path's cache entries from ``split`` on
     live_alt: Branch | None = None  # the alternative whose tokens are in the cache now
+    tree: list[Branch] = field(default_factory=list)  # alternatives sent with the block (token-tree verification)
+
+    def wire(self) -> tuple[list[int], list[int] | None, list[DraftToken]]:
+        """The drafted tokens as sent: ids, parents (None for a chain) and the tokens, block first, then each
+        tree alternative's bet and drafts (``covspec.decoding.tree``)."""
+        tokens = list(self.block)
+        if not self.tree:
+            return [t.id for t in tokens], None, tokens
+        parents = chain(len(self.block))
+        for alt in self.tree:
+            alt.node = len(tokens)
+            q = torch.zeros_like(self.block[alt.root].q)
+            q[alt.token] = 1.0  # greedy: q is one-hot on what was drafted
+            head = DraftToken(alt.token, q, 0.0, -1, 0.0)
+            tokens += [head, *alt.drafts]
+            parents += [alt.root - 1, *range(alt.node, alt.node + len(alt.drafts))]
+        return [t.id for t in tokens], parents, tokens
 
 
 def _fed(drafts: list[DraftToken], eos: frozenset[int]) -> int:
@@ -79,6 +97,7 @@ class PipelinedLoop:
             device.draft_policy = draft_policy(self.s)
         self.policy: DraftPolicy = device.draft_policy
         self.branching = self.s.branch_budget > 0
+        self.tree_width = self.s.tree if self.s.temperature == 0 else 0  # trees are verified under greedy only
         self.state = state  # the draft's cache, prefilled
         self.logits = logits  # [V] after the last fed token of the live path
         self.gen = gen  # the device's randomness: drafts and corrections, as in the fixed loop
@@ -101,20 +120,27 @@ class PipelinedLoop:
             if self.policy.adaptive:
                 result.controller_gammas.append(gamma)
             rnd = self._block(live, min(gamma, s.max_new_tokens - len(committed)))
-            ids = [t.id for t in rnd.block]
-            q_rows = torch.stack([t.q for t in rnd.block])  # [k, V]
-            d._send_block(seq, ids, q_rows, committed, last_token)
+            if self.tree_width:
+                self._grow_tree(rnd, len(committed))
+                result.tree_rounds += bool(rnd.tree)
+            ids, parents, drafts = rnd.wire()
+            q_rows = torch.stack([t.q for t in drafts])  # [k, V]
+            d._send_block(seq, ids, q_rows, committed, last_token, parents)
             sent = time.perf_counter()
             reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
             n = reply.num_accepted
-            unsure_last = self.policy.adaptive and rnd.block[-1].conf < self.policy.stop_threshold
-            self.policy.observe_round(len(ids), n, wait, unsure_last)
-            token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
+            alt, path = self._path(rnd, reply, parents)
+            unsure_last = self.policy.adaptive and alt is None and rnd.block[-1].conf < self.policy.stop_threshold
+            self.policy.observe_round(len(rnd.block) if alt is None else alt.root + 1 + len(alt.drafts), n, wait,
+                                      unsure_last)  # fmt: skip
+            token, done = d._settle_round(seq, reply, [ids[i] for i in path], q_rows[path], self.gen, result,
+                                          committed, start, drafted=len(ids))  # fmt: skip
+            result.tree_hits += alt is not None
             if done:
                 break
-            live = self._resolve(rnd, n, token)
+            live = self._resolve(rnd, n, token, alt)
             last_token = token
             seq += 1
         result.branch_hits, result.branch_misses, result.tokens_reused = self.hits, self.misses, self.reused
@@ -151,10 +177,13 @@ class PipelinedLoop:
             return DraftToken(x_id, q, p1, second, p2)
         return DraftToken(x_id, q, p1, first, p1)
 
-    def _ends(self, drafts: list[DraftToken], gamma: int) -> bool:
-        """Whether a block (or a branch drafting the next block) ends after its last token."""
+    def _ends(self, drafts: list[DraftToken], gamma: int, stop: bool = True) -> bool:
+        """Whether a block (or a branch drafting the next block) ends after its last token; ``stop``: the
+        confidence stop applies (a token tree branches at unsure tokens instead of stopping there)."""
         tok = drafts[-1]
-        return tok.id in self.eos or len(drafts) >= gamma or self.policy.stop_after(len(drafts) - 1, tok.conf)
+        if tok.id in self.eos or len(drafts) >= gamma:
+            return True
+        return stop and self.policy.stop_after(len(drafts) - 1, tok.conf)
 
     def _block(self, live: list[DraftToken], gamma: int) -> _Round:
         """The next block of at most ``gamma`` tokens: ``live`` drafts first, then new ones; what ``live`` holds
@@ -162,16 +191,17 @@ class PipelinedLoop:
         live_fed = _fed(live, self.eos)
         base = self.state.seq_len - live_fed
         block: list[DraftToken] = []
+        stop = not self.tree_width
         for tok in live:
             block.append(tok)
-            if self._ends(block, gamma):
+            if self._ends(block, gamma, stop):
                 break
         rest = live[len(block) :]
         fed = min(len(block), live_fed)
-        if not block or not self._ends(block, gamma):
+        if not block or not self._ends(block, gamma, stop):
             while True:  # live is used up and fully fed: the frontier follows its last token
                 block.append(self._draft_token(self.logits))
-                if self._ends(block, gamma):
+                if self._ends(block, gamma, stop):
                     break
                 self.logits = self._feed([block[-1].id])
                 fed += 1
@@ -223,9 +253,8 @@ class PipelinedLoop:
                     yield
             if main.started and main.token not in self.eos:
                 yield from self._extend(main, min(depth, room(k)))
-        rnd.alts = plan_alternatives(
-            rnd.block, self.s.branch_budget - 1, self.eos, max_root=max_new - committed_len - 1
-        )
+        count = 0 if rnd.tree else self.s.branch_budget - 1  # a tree's alternatives were verified already
+        rnd.alts = plan_alternatives(rnd.block, count, self.eos, max_root=max_new - committed_len - 1)
         if not rnd.alts:
             return
         rnd.split = min(a.root for a in rnd.alts)
@@ -241,22 +270,65 @@ class PipelinedLoop:
             self.draft.rollback(self.state, rnd.base + rnd.split)
             rnd.live_alt = None
 
-    def _extend(self, branch: Branch, cap: int) -> Iterator[None]:
+    def _extend(self, branch: Branch, cap: int, stop: bool = True) -> Iterator[None]:
         """Draft the next block after ``branch``'s bet, up to ``cap`` tokens, feeding each (not EOS)."""
         while not branch.done and len(branch.drafts) < cap:
             tok = self._draft_token(branch.logits)
             branch.drafts.append(tok)
-            branch.done = self._ends(branch.drafts, cap)
+            branch.done = self._ends(branch.drafts, cap, stop)
             if tok.id not in self.eos:
                 branch.logits = self._feed([tok.id])
                 yield
         branch.done = True
 
+    def _grow_tree(self, rnd: _Round, committed_len: int) -> None:
+        """Draft the tree's alternatives before the block is sent: at the block's least confident positions j, the
+        draft's second choice and a continuation after it (``plan_alternatives``, as branches during a wait). Each
+        is drafted on prefix + block[:j] + its own tokens and kept as its cache suffix from j; the live cache is
+        the block's again afterwards."""
+        max_new = self.s.max_new_tokens
+        alts = plan_alternatives(rnd.block, self.tree_width, self.eos, max_root=max_new - committed_len - 1)
+        if not alts:
+            return
+        depth = len(rnd.block) if TREE_DEPTH == "block" else len(rnd.block) + self.policy.block_length()
+        split = min(a.root for a in alts)
+        tail = take_suffix(self.state, rnd.base + split)
+        self.draft.rollback(self.state, rnd.base + split)
+        for alt in alts:
+            graft(self.state, tail, alt.root - split)
+            alt.logits, alt.started = self._feed([alt.token]), True
+            for _ in self._extend(alt, min(depth - alt.root - 1, max_new - committed_len - alt.root - 1), False):
+                pass
+            alt.kv = take_suffix(self.state, rnd.base + alt.root)
+            self.draft.rollback(self.state, rnd.base + split)
+        graft(self.state, tail)
+        rnd.tree = alts
+
     # -- the verdict ---------------------------------------------------------------------------
 
-    def _resolve(self, rnd: _Round, n: int, token: int) -> list[DraftToken]:
+    def _path(self, rnd: _Round, reply: VerifyResponse, parents: list[int] | None) -> tuple[Branch | None, list[int]]:
+        """The accepted path's node indices, and the tree alternative it went through (None: along the block)."""
+        n = reply.num_accepted
+        if parents is None:
+            return None, list(range(min(n, len(rnd.block))))
+        if n and not 0 <= reply.leaf < len(parents):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {reply.leaf} for a tree of {len(parents)}")
+        path = path_to(parents, reply.leaf if n else -1)
+        if len(path) != n:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {reply.leaf} is at depth {len(path)}, not {n}")
+        last = path[-1] if path else -1
+        return next((a for a in rnd.tree if a.node <= last <= a.node + len(a.drafts)), None), path
+
+    def _resolve(self, rnd: _Round, n: int, token: int, alt: Branch | None = None) -> list[DraftToken]:
         """Make the cache hold the committed prefix (+ the matching branch); returns the branch's drafts."""
         base, main = rnd.base, rnd.main
+        if alt is not None:  # the accepted path left the block at alt.root: its cache suffix holds the rest
+            if self.branching:
+                self.misses += 1
+            self.draft.rollback(self.state, base + alt.root)
+            graft(self.state, alt.kv, n - alt.root)
+            self.logits = self._feed([token])
+            return []
         hit = match([main, *rnd.alts], n, token)
         if self.branching:
             self.hits += hit is not None

@@ -1,0 +1,229 @@
+"""Token-tree verification: the pure walk, the adapters' tree forward, the wire fields and the edge's verdict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covspec.data.shapes import load_split
+from covspec.decoding.autoregressive import generate
+from covspec.decoding.tree import (
+    ancestors,
+    chain,
+    check_tree,
+    depths,
+    is_chain,
+    path_to,
+    verify_greedy_tree,
+)
+from covspec.models import checks as C
+from covspec.models.tiny import TINY_SPECS, tiny_llava
+from covspec.protocol import (
+    ErrorReply,
+    OpenSession,
+    ProtocolError,
+    VerifyRequest,
+    VerifyResponse,
+    decode,
+    encode,
+    new_session_id,
+)
+from covspec.protocol.validation import check_against
+from covspec.runtime.device import png_bytes
+from covspec.runtime.edge import Edge
+
+EOS = 2
+#        0  1  2  3  4  5  6      node
+IDS = [10, 11, 12, 20, 21, 30, 31]
+PARENTS = [-1, 0, 1, 0, 3, -1, 5]  # 10-11-12, 10-20-21, 30-31
+
+
+def rows_for(picks: dict[int, int], k: int = len(IDS), v: int = 40) -> torch.Tensor:
+    """Target logits [k + 1, V] whose argmax after node i (row i + 1; -1 → row 0) is ``picks[i]`` (0 otherwise)."""
+    rows = torch.zeros(k + 1, v)
+    for node in range(-1, k):
+        rows[node + 1, picks.get(node, 0)] = 1.0
+    return rows
+
+
+# -- pure -------------------------------------------------------------------------------------------
+
+
+def test_tree_helpers():
+    assert chain(3) == [-1, 0, 1] and is_chain(chain(4)) and not is_chain(PARENTS)
+    assert depths(PARENTS) == [0, 1, 2, 1, 2, 0, 1]
+    assert path_to(PARENTS, 4) == [0, 3, 4] and path_to(PARENTS, -1) == []
+    anc = ancestors(PARENTS)
+    assert anc[4].nonzero().flatten().tolist() == [0, 3, 4] and anc[6].nonzero().flatten().tolist() == [5, 6]
+    assert torch.equal(ancestors(chain(4)), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize(
+    ("ids", "parents", "message"),
+    [
+        ([1, 2], [-1], "parents has 1 entries for 2"),
+        ([1, 2], [-1, 1], r"parents\[1\] = 1:"),
+        ([1, 2], [-1, -2], r"parents\[1\] = -2:"),
+        ([1, 1], [-1, -1], "repeats token 1"),
+        ([EOS, 5], [-1, 0], "continues after EOS"),
+    ],
+)
+def test_bad_trees_are_refused_by_name(ids, parents, message):
+    with pytest.raises(ValueError, match=message):
+        check_tree(ids, parents, {EOS})
+
+
+def test_greedy_walk_follows_the_target_through_the_tree():
+    # the target goes 10 → 20 → 21, then says 7: the second branch is accepted whole, 7 is the bonus
+    path, token = verify_greedy_tree(IDS, PARENTS, rows_for({-1: 10, 0: 20, 3: 21, 4: 7}))
+    assert (path, token) == ([0, 3, 4], 7)
+    # 10 → 11, then 5 (not a child of 11): correction 5 after two accepted
+    assert verify_greedy_tree(IDS, PARENTS, rows_for({-1: 10, 0: 11, 1: 5})) == ([0, 1], 5)
+    # a root alternative: 30 → 31 → bonus 9
+    assert verify_greedy_tree(IDS, PARENTS, rows_for({-1: 30, 5: 31, 6: 9})) == ([5, 6], 9)
+    # nothing accepted
+    assert verify_greedy_tree(IDS, PARENTS, rows_for({-1: 33})) == ([], 33)
+    # an accepted EOS ends the walk, even where the rows would go on
+    ids, parents = [10, EOS, 13], [-1, 0, 0]
+    assert verify_greedy_tree(ids, parents, rows_for({-1: 10, 0: EOS, 1: 4}, k=3), {EOS})[0] == [0, 1]
+
+
+def test_a_chain_verifies_as_before():
+    from covspec.decoding.verify import verify_greedy
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, 6, (5,), generator=gen)
+        rows = torch.randn(6, 6, generator=gen)
+        n, token = verify_greedy(ids, rows)
+        path, tok = verify_greedy_tree(ids.tolist(), chain(5), rows)
+        assert (path, tok) == (list(range(n)), token)
+
+
+# -- adapters: the toy family (the others in test_models_families) ----------------------------------
+
+
+def test_tiny_llava_scores_a_tree_as_its_chains():
+    torch.set_num_threads(1)
+    target = tiny_llava(TINY_SPECS[0], 0)
+    a, b = load_split("test", 2)
+    C.check_tree_verify(target, target.prepare(a.image(), a.question), target.prepare(b.image(), b.question))
+
+
+# -- wire --------------------------------------------------------------------------------------------
+
+
+def test_tree_fields_round_trip_and_chains_cost_nothing_extra():
+    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, parents=PARENTS)
+    assert decode(encode(tree)) == tree
+    plain = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1)
+    assert len(encode(tree)) == len(encode(plain)) + 2 + 2 + 1 + len(PARENTS)  # two empty bins, list header, ids
+    reply = VerifyResponse("s1", 0, 3, 7, leaf=4)
+    assert decode(encode(reply)) == reply
+    assert len(encode(VerifyResponse("s1", 0, 3, 7))) < len(encode(reply))
+
+
+def test_tree_fields_are_checked_against_the_session():
+    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, parents=PARENTS)
+    check_against(tree, 40, mode="covspec", sampling=False)
+    for kwargs, code in [(dict(sampling=True), "length_mismatch"), (dict(mode="dssd"), "invalid_field")]:
+        with pytest.raises(ProtocolError) as err:
+            check_against(tree, 40, **{"mode": "covspec", "sampling": False, **kwargs})
+        assert err.value.code == code, kwargs
+    with pytest.raises(ProtocolError, match="parents has 2 entries"):
+        check_against(VerifyRequest("s1", 0, [1, 2, 3], committed_len=0, last_token=-1, parents=[-1, 0]), 40)
+    with pytest.raises(ProtocolError, match="leaf = 7"):
+        check_against(VerifyResponse("s1", 0, 3, 7, leaf=7), 40, num_drafted=7)
+    with pytest.raises(ProtocolError, match="num_accepted = 0"):
+        check_against(VerifyResponse("s1", 0, 0, 7, leaf=2), 40, num_drafted=7)
+
+
+# -- the edge ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_and_target():
+    torch.set_num_threads(1)
+    target = tiny_llava(TINY_SPECS[0], 0)
+    return Edge(target), target
+
+
+def _open(edge: Edge, target, sample, temperature: float = 0.0) -> str:
+    sid = new_session_id()
+    inputs = target.prepare(sample.image(), sample.question)
+    msg = OpenSession(sid, "covspec", inputs.input_ids.tolist(), png_bytes(sample.image()), "png", temperature, 1.0,
+                      16, 0, 2)  # fmt: skip
+    assert type(next(iter(edge.handle(encode(msg))))[0]).__name__ == "SessionOpened"
+    return sid
+
+
+def _ask(edge: Edge, msg):
+    (reply, payload), *_ = list(edge.handle(encode(msg)))
+    assert decode(payload) == reply
+    return reply
+
+
+def test_edge_accepts_the_targets_branch_and_keeps_only_its_path(edge_and_target):
+    """Trees whose second branch is the target's continuation: the edge accepts it and its cache is then that of
+    the chain, so the next rounds (chains and trees) still reproduce target greedy decoding."""
+    edge, target = edge_and_target
+    sample = load_split("test", 1, offset=2)[0]
+    expected = generate(target, target.prepare(sample.image(), sample.question), 16).token_ids
+    assert len(expected) >= 6, "the tiny target must generate enough to test"
+    sid = _open(edge, target, sample)
+    wrong = [(t + 1) % target.vocab_size for t in expected]
+    committed: list[int] = []
+    last, seq = -1, 0
+    while len(committed) < len(expected):
+        at = len(committed)
+        right = expected[at : at + 3]
+        # a dead branch (a wrong root and a child), then the target's next tokens as a second root branch
+        ids = [wrong[at], expected[at], *right]
+        parents = [-1, 0, -1, *range(2, 1 + len(right))]
+        reply = _ask(edge, VerifyRequest(sid, seq, ids, committed_len=len(committed), last_token=last,
+                                         parents=parents))  # fmt: skip
+        assert isinstance(reply, VerifyResponse), reply
+        assert reply.num_accepted == len(right) and reply.leaf == len(ids) - 1
+        committed += right
+        if len(committed) >= len(expected):
+            break
+        assert reply.token == expected[len(committed)]
+        last, seq = reply.token, seq + 1
+        committed.append(last)
+        assert edge.sessions[sid].state.seq_len == edge.sessions[sid].state.cache_len  # compacted, no holes
+    assert committed[: len(expected)] == expected
+
+
+def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
+    edge, target = edge_and_target
+    sample = load_split("test", 1)[0]
+    sid = _open(edge, target, sample)
+    eos = target.eos_token_id
+    s = edge.sessions[sid]
+    before = (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len)
+    bad = {
+        "order": VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1, parents=[-1, 1]),
+        "siblings": VerifyRequest(sid, 0, [5, 5], committed_len=0, last_token=-1, parents=[-1, -1]),
+        "after EOS": VerifyRequest(sid, 0, [eos, 6], committed_len=0, last_token=-1, parents=[-1, 0]),
+        "too deep": VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, parents=chain(17)),
+        "length": VerifyRequest(sid, 0, [5, 6, 7], committed_len=0, last_token=-1, parents=[-1, 0]),
+    }
+    for name, msg in bad.items():
+        reply = _ask(edge, msg)
+        assert isinstance(reply, ErrorReply), name
+        assert (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len) == before, name
+    wide = VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, parents=[-1] * 17)
+    assert isinstance(_ask(edge, wide), VerifyResponse)  # 17 nodes but depth 1: within max_new_tokens = 16
+
+
+def test_trees_are_refused_under_sampling(edge_and_target):
+    edge, target = edge_and_target
+    sid = _open(edge, target, load_split("test", 1)[0], temperature=1.0)
+    import numpy as np
+
+    from covspec.protocol import probs_to_bytes
+
+    msg = VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1,
+                        draft_probs=probs_to_bytes(np.array([0.5, 0.5])), parents=[-1, -1])  # fmt: skip
+    reply = _ask(edge, msg)
+    assert isinstance(reply, ErrorReply) and "greedy" in reply.message
