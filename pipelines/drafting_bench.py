@@ -187,7 +187,8 @@ def print_table(report: dict[str, Any], summary: list[dict[str, Any]], file=None
         title=f"drafting bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
         f"T={cfg.generation.temperature:g}, fixed gamma={d.gamma}, adaptive gamma in [{d.gamma_min}, {d.gamma_max}], "
         f"threshold {d.threshold:g}, "
-        f"budget {cfg.branching.budget or DEFAULT_BUDGET}, tree {cfg.branching.tree or DEFAULT_TREE}, jitter {link.jitter_ms:g} ms, "
+        f"budget {cfg.branching.budget or DEFAULT_BUDGET}, tree {cfg.branching.tree or DEFAULT_TREE}, "
+        f"jitter {link.jitter_ms:g} ms, "
         f"compute slowdown {link.compute_slowdown:g}, edge in a {report.get('edge', 'thread')}"
     )
     for title, _, _ in COLUMNS:

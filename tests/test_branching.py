@@ -149,6 +149,7 @@ class ScriptedEdge:
         self.history = list(PROMPT)
         self.inbox: deque[tuple[int, VerifyResponse]] = deque()
         self.blocks: list[list[int]] = []
+        self.trees: list[list[int]] = []  # parents of each block ([] for a chain)
 
     def send(self, msg) -> None:
         if not isinstance(msg, VerifyRequest):
@@ -157,12 +158,20 @@ class ScriptedEdge:
             self.history.append(msg.last_token)
         ids = list(msg.draft_ids)
         self.blocks.append(ids)
-        n = 0
-        while n < len(ids) and self.target(self.history + ids[:n]) == ids[n]:
-            n += 1
-        token = self.target(self.history + ids[:n])
-        self.history += ids[:n]
-        self.inbox.append([self.polls, VerifyResponse(msg.session_id, msg.seq, n, token)])
+        self.trees.append(list(msg.parents))
+        parents = list(msg.parents) or list(range(-1, len(ids) - 1))
+        children = {(p, t): i for i, (t, p) in enumerate(zip(ids, parents, strict=True))}
+        path: list[int] = []
+        while (child := children.get((path[-1] if path else -1, self.target(self.history + [ids[i] for i in path])))) \
+                is not None:  # fmt: skip
+            path.append(child)
+            if ids[child] == EOS:
+                break
+        accepted = [ids[i] for i in path]
+        token = self.target(self.history + accepted)
+        self.history += accepted
+        leaf = path[-1] if msg.parents and path else -1
+        self.inbox.append([self.polls, VerifyResponse(msg.session_id, msg.seq, len(path), token, leaf=leaf)])
 
     def recv(self, timeout=None):
         if not self.inbox:
@@ -296,6 +305,70 @@ def test_adaptive_confidence_stop_and_branches_together():
     assert r.round_log[0].num_accepted == 3 and r.branch_hits > 0  # the alternative at x_3 bet on the correction
 
 
+# -- token trees: alternatives verified in the same round -------------------------------------------------
+
+
+def second_right_every_third(h):  # at every third position the draft is wrong but its second choice is the target's
+    top = target_rule(h)
+    if (len(h) - len(PROMPT)) % 3 == 2:
+        return (top + 1) % 7, top, 0.5
+    return top, (top + 2) % 7, 0.95
+
+
+def test_tree_alternative_is_accepted_in_the_same_round():
+    chain_r, _ = run_scripted(second_right_every_third, polls=0, gamma=6, tree=0, branch_budget=1)
+    r, edge = run_scripted(second_right_every_third, polls=0, gamma=6, tree=2)
+    assert r.tree_rounds == r.rounds and r.tree_hits > 0
+    first = edge.blocks[0]
+    parents = edge.trees[0]
+    assert parents[:6] == list(range(-1, 5)) and len(first) > 6  # the block, then the alternatives
+    # the block fails at x_2; the alternative rooted there holds the target's token and its continuation is right
+    # up to position 5, where the draft is wrong again: 5 accepted where the chain gets 2
+    assert r.round_log[0].num_accepted == 5 and r.round_log[0].k == len(first)
+    assert chain_r.round_log[0].num_accepted == 2
+    assert r.rounds < chain_r.rounds
+    assert r.num_drafted == sum(len(b) for b in edge.blocks)
+
+
+def test_tree_with_branching_during_the_wait_and_an_always_right_draft():
+    for polls in (0, 3, 100):  # the verdict interrupts the main branch, or not
+        run_scripted(second_right_every_third, polls=polls, gamma=5, tree=2, branch_budget=3, policy="adaptive",
+                     threshold=0.6, gamma_max=8)  # fmt: skip
+    r, edge = run_scripted(agreeing, polls=100, gamma=4, tree=2, branch_budget=1)
+
+    def main_length(parents: list[int]) -> int:
+        return next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
+
+    # an always-right draft: every block is accepted whole, never an alternative; the wait's main branch hits
+    assert r.tree_hits == 0 and r.num_accepted == sum(main_length(t) for t in edge.trees)
+    assert r.branch_hits == r.rounds - 1
+
+
+def test_eos_inside_a_tree_alternative():
+    def wrong_before_the_end(h):  # wrong (second choice right) two tokens before the target's EOS, else right
+        top = target_rule(h)
+        if len(h) - len(PROMPT) == 18:
+            return (top + 1) % 7, top, 0.5
+        return top, (top + 1) % 7 if top != EOS else 0, 0.9
+
+    r, edge = run_scripted(wrong_before_the_end, polls=0, max_new=30, gamma=7, tree=2)
+    ids, parents = edge.blocks[-1], edge.trees[-1]
+    assert parents and EOS in ids[7:]  # the last tree's alternative drafted the end of the answer
+    assert r.round_log[-1].num_accepted > 0 and r.tree_hits >= 1  # and the answer ended inside it
+
+
+def test_trees_are_not_sent_under_sampling():
+    draft = FakeDraft(second_right_every_third)
+    edge = ScriptedEdge(target_rule, 0)
+    s = DeviceSettings(method="covspec", max_new_tokens=12, tree=2, temperature=0.0)
+    assert s.pipelined
+    from covspec.runtime.pipeline import PipelinedLoop  # the loop decides from the temperature
+
+    device = Device(draft, edge, DeviceSettings(method="covspec", max_new_tokens=12, tree=2, temperature=1.0))
+    state, logits = draft.prefill(draft.prepare(None, ""))
+    assert PipelinedLoop(device, state, logits, torch.Generator()).tree_width == 0
+
+
 # -- greedy equality through the engine with branching on ----------------------------------------------
 
 
@@ -321,6 +394,7 @@ def make_pair(name):
 VARIANTS = {
     "branching": dict(gamma=4, branch_budget=3),
     "adaptive+branching": dict(gamma=3, gamma_max=8, policy="adaptive", threshold=0.2, branch_budget=4),
+    "adaptive+branching+tree": dict(gamma=3, gamma_max=8, policy="adaptive", threshold=0.2, branch_budget=2, tree=2),
     # the stop's threshold from the cost model after the first round (capped at a high tau, so that it binds)
     "adaptive+branching, cost stop": dict(
         gamma=3, gamma_max=8, policy="adaptive", threshold=0.9, stop="cost", branch_budget=4
@@ -333,7 +407,7 @@ def test_greedy_equals_target_with_branching(pair):
     torch.set_num_threads(1)
     target, draft = make_pair(pair)
     edge = Edge(target)
-    rates = []
+    rates, tree_hits = [], []
     for sample in load_split("test", 2, offset=1):
         expected = generate(target, target.prepare(sample.image(), sample.question), 32).token_ids
         for name, settings in VARIANTS.items():
@@ -347,8 +421,14 @@ def test_greedy_equals_target_with_branching(pair):
                 finally:
                     transport.close()
                 assert r.token_ids == expected, (pair, name, rtt)
+                if r.tree_rounds:  # a tree's alternatives count as drafted: its own path is what must be accepted
+                    tree_hits.append(r.tree_hits)
+                    continue
                 rates.append(r.num_accepted / max(r.num_drafted, 1))
     assert not edge.sessions
+    assert len(tree_hits) == 4  # the tree variant sent trees in every run (greedy)
+    if pair == "always-agrees":
+        assert not any(tree_hits)  # the block itself is always accepted
     if pair == "always-agrees":
         assert min(rates) == 1.0
     elif pair == "never-agrees":

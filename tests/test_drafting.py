@@ -184,7 +184,8 @@ def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, caps
     assert drafting_bench.main(argv) == 0
     doc = json.loads((tmp_path / "drafting_bench.json").read_text())
     assert doc["edge"] == "process"  # the default: the edge verifies in a process of its own
-    assert {row["variant"] for row in doc["summary"]} == {"fixed", "adaptive", "adaptive+branching"}
+    assert {row["variant"] for row in doc["summary"]} == set(drafting_bench.VARIANTS)
+    assert "adaptive+branching+tree" in drafting_bench.VARIANTS
     assert all(row["identical_to_target_only"] == 1.0 for row in doc["summary"]), doc["summary"]
     assert (tmp_path / "drafting_bench.png").stat().st_size > 0
     assert "1samplesofshapes/test" in "".join(capsys.readouterr().out.split())  # rich wraps the title

@@ -232,6 +232,19 @@ class DraftPolicy:
             return gamma, self.threshold
         return gamma, min(self.threshold, stop_threshold(gamma, e.alpha, e.draft_s, wait, self.branching, alt_hit))
 
+    def alternative_pays(self, win: float, steps: int) -> bool:
+        """Token trees: whether to draft an alternative branch before the block is sent.
+
+        ``win`` is the draft's own estimate that the accepted path goes through the alternative (``Branch.score``:
+        the chance of reaching its root times the probability of its token), ``steps`` the draft steps it costs
+        (its token and continuation). If it wins, the round commits what would otherwise take another round, so
+        it saves about one wait L; it always costs ``steps``·c before the send. Drafted when win·L > steps·c, and
+        always until L and c are measured (or with the fixed policy)."""
+        e = self.estimates
+        if not self.adaptive or e.draft_s is None or e.wait_s is None:
+            return True
+        return win * (e.wait_s + (e.overhead_s or 0.0)) > steps * e.draft_s
+
     def stop_after(self, index: int, confidence: float) -> bool:
         """Confidence stop: end the block after position ``index`` (0-based) drafted with ``confidence``."""
         return self.adaptive and index + 1 >= self.gamma_min and confidence < self.stop_threshold

@@ -37,8 +37,6 @@ from covspec.models.kvcache import KVSuffix, graft, take_suffix
 from covspec.protocol import ErrorCode, ProtocolError, VerifyResponse
 from covspec.runtime.device import Device, DeviceSettings, RequestResult
 
-TREE_DEPTH = "block"
-
 if TYPE_CHECKING:
     from covspec.models.base import DecodeState
 
@@ -287,17 +285,22 @@ class PipelinedLoop:
         is drafted on prefix + block[:j] + its own tokens and kept as its cache suffix from j; the live cache is
         the block's again afterwards."""
         max_new = self.s.max_new_tokens
-        alts = plan_alternatives(rnd.block, self.tree_width, self.eos, max_root=max_new - committed_len - 1)
+        depth = len(rnd.block)
+        caps = {}  # per alternative: its continuation's length cap (the tree is as deep as the block)
+        alts = []
+        for alt in plan_alternatives(rnd.block, self.tree_width, self.eos, max_root=max_new - committed_len - 1):
+            caps[alt.root] = min(depth - alt.root - 1, max_new - committed_len - alt.root - 1)
+            if self.policy.alternative_pays(alt.score, 1 + caps[alt.root]):
+                alts.append(alt)
         if not alts:
             return
-        depth = len(rnd.block) if TREE_DEPTH == "block" else len(rnd.block) + self.policy.block_length()
         split = min(a.root for a in alts)
         tail = take_suffix(self.state, rnd.base + split)
         self.draft.rollback(self.state, rnd.base + split)
         for alt in alts:
             graft(self.state, tail, alt.root - split)
             alt.logits, alt.started = self._feed([alt.token]), True
-            for _ in self._extend(alt, min(depth - alt.root - 1, max_new - committed_len - alt.root - 1), False):
+            for _ in self._extend(alt, caps[alt.root], False):
                 pass
             alt.kv = take_suffix(self.state, rnd.base + alt.root)
             self.draft.rollback(self.state, rnd.base + split)
