@@ -61,7 +61,8 @@ __all__ = [
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "covspec_no_pruning": ("pruning.method=none",),
     "covspec_no_adaptive": ("drafting.policy=fixed",),
-    "covspec_no_branching": ("branching.budget=0",),
+    "covspec_no_tree": ("branching.tree=0",),
+    "covspec_no_branching": ("branching.budget=0", "branching.tree=0"),
 }
 """covspec with one of its three ideas switched off: the overrides applied to the config for that method."""
 BASE_METHODS = ("target_only", "draft_only", "vanilla_sd", "dssd", "covspec")
@@ -306,7 +307,7 @@ class DraftingConfig(_Section):
     """Draft length of the fixed policy, and the adaptive policy's starting length (1..64)."""
     gamma_min: int = 1
     """Shortest block the adaptive policy drafts (1..64, <= gamma_max)."""
-    gamma_max: int = 12
+    gamma_max: int = 24
     """Longest block the adaptive policy drafts (1..64)."""
     threshold: float = 0.4
     """Adaptive policy: τ, in [0, 1]. Drafting stops after a token whose top probability is below the stop's
@@ -337,7 +338,7 @@ class BranchingConfig(_Section):
     """Branches drafted while a block is verified: the main one plus budget - 1 alternatives at the least
     confident positions (0: branching off, >= 0). covspec only; see docs/drafting.md."""
 
-    tree: int = 0
+    tree: int = 2
     """Alternative branches sent with each block and verified in the same round (token-tree verification): at the
     block's least confident positions, the draft's second choice and a continuation after it. 0: the block is a
     chain. Greedy covspec only (under sampling blocks stay chains); see docs/drafting.md."""

@@ -117,7 +117,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str):
     [
         ("pruning.keep_ratio=1.5", "pruning.keep_ratio must be in (0, 1], got 1.5"),
         ("pruning.keep_ratio=0", "pruning.keep_ratio must be in (0, 1], got 0.0"),
-        ("drafting.gamma_min=13", "drafting.gamma_min must be <= drafting.gamma_max, got 13 > 12"),
+        ("drafting.gamma_min=25", "drafting.gamma_min must be <= drafting.gamma_max, got 25 > 24"),
         ("drafting.gamma=65", "drafting.gamma must be in [1, 64], got 65"),
         ("drafting.threshold=1.1", "drafting.threshold must be in [0, 1], got 1.1"),
         ("drafting.policy=greedy", "drafting.policy must be one of 'fixed', 'adaptive', got 'greedy'"),

@@ -71,19 +71,21 @@ def test_bad_spaces_are_refused_naming_the_key(space: str, named: str):
 
 
 def test_cross_key_bounds_are_checked_with_the_other_dimensions_moved():
-    ok = "{drafting.gamma_min: {int: [1, 16]}, drafting.gamma_max: {int: [4, 16]}}"
+    ok = "{drafting.gamma_min: {int: [1, 30]}, drafting.gamma_max: {int: [4, 30]}}"
     assert len(parse_space(load_config(overrides=[f"tune.space={ok}"]))) == 2
-    with pytest.raises(ConfigError, match=r"drafting\.gamma_min: upper bound 16"):
-        parse_space(load_config(overrides=["tune.space={drafting.gamma_min: {int: [1, 16]}}"]))  # gamma_max is 12
+    with pytest.raises(ConfigError, match=r"drafting\.gamma_min: upper bound 30"):
+        parse_space(load_config(overrides=["tune.space={drafting.gamma_min: {int: [1, 30]}}"]))  # gamma_max is 24
 
 
 def test_trial_configs_are_ordinary_configs():
     cfg = load_config(ROOT / "configs" / "tune" / "links.yaml")
     dims = parse_space(cfg)
     trial = candidate_config(cfg, dims, {"link": "lte", "drafting.threshold": 0.3, "drafting.gamma_max": 9,
-                                         "branching.budget": 0})  # fmt: skip
-    assert (trial.link.rtt_ms, trial.link.up_mbps, trial.drafting.gamma_max, trial.branching.budget) == (50, 10, 9, 0)
-    params = {"link": "lan", "drafting.threshold": 0.3, "drafting.gamma_max": 4, "branching.budget": 0}
+                                         "branching.budget": 0, "branching.tree": 3})  # fmt: skip
+    assert (trial.link.rtt_ms, trial.link.up_mbps, trial.drafting.gamma_max, trial.branching.budget,
+            trial.branching.tree) == (50, 10, 9, 0, 3)  # fmt: skip
+    params = {"link": "lan", "drafting.threshold": 0.3, "drafting.gamma_max": 4, "branching.budget": 0,
+              "branching.tree": 0}  # fmt: skip
     with pytest.raises(ConfigError, match=r"gamma_min must be <= drafting\.gamma_max"):  # a trial reports infeasible
         candidate_config(load_config(overrides=["drafting.gamma_min=8"]), dims, params)
 

@@ -46,8 +46,9 @@ DEFAULT_SPACE: dict[str, Any] = {
     "pruning.weights.lowrank": {"uniform": [0.0, 2.0]},
     "drafting.threshold": {"uniform": [0.05, 0.9]},
     "drafting.gamma_min": {"int": [1, 4]},
-    "drafting.gamma_max": {"int": [4, 16]},
+    "drafting.gamma_max": {"int": [4, 32]},
     "branching.budget": {"int": [0, 4]},
+    "branching.tree": {"int": [0, 3]},
     "verification.num_candidates": {"int": [1, 16]},
 }
 """The space searched when ``tune.space`` is empty; ``configs/tune/default.yaml`` spells out the same mapping. The

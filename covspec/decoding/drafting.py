@@ -146,7 +146,7 @@ class DraftPolicy:
     """
 
     def __init__(
-        self, policy: str = "fixed", gamma: int = 5, gamma_min: int = 1, gamma_max: int = 12, threshold: float = 0.4,
+        self, policy: str = "fixed", gamma: int = 5, gamma_min: int = 1, gamma_max: int = 24, threshold: float = 0.4,
         branching: bool = False, decay: float = 0.8, stop: str = "threshold",
     ) -> None:  # fmt: skip
         if policy not in DRAFT_POLICIES:

@@ -108,7 +108,7 @@ class DeviceSettings:
     # Adaptive drafting and parallel branching (covspec.runtime.pipeline; docs/drafting.md).
     policy: str = "fixed"  # fixed: gamma tokens per block; adaptive: confidence stop + cost-model controller
     gamma_min: int = 1
-    gamma_max: int = 12
+    gamma_max: int = 24
     threshold: float = 0.4  # confidence stop: end a block after a token drafted with top probability below this
     stop: str = "threshold"  # the stop's threshold: threshold (fixed) or cost (the cost model's, capped)
     branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
