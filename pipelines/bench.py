@@ -245,13 +245,24 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         row["branch_hit_rate"] = hits / (hits + misses) if hits + misses else None
         row["latency_p50_s"] = s.quantile("latency_s", 0.5)
         row["latency_p95_s"] = s.quantile("latency_s", 0.95)
-        if row["mean_accepted_length"] and name not in (HF_PEER,):
+        if row["mean_accepted_length"] and name not in (HF_PEER,) and _fixed_chains(cfg, name):
             gamma = cfg.drafting.gamma
             alpha = alpha_from_acceptance_length(row["mean_accepted_length"], gamma)
             row["alpha"] = alpha
             row["bound_speedup"] = speedup_bound(alpha, gamma, cost_ratio, verify_cost, rtt)
         out.append(row)
     return out
+
+
+def _fixed_chains(cfg: Config, name: str) -> bool:
+    """Whether ``name`` drafts fixed-γ chains: the analytic bound (``speedup_bound``) models nothing else."""
+    from covspec.runtime.engine import device_settings, method_config
+
+    try:
+        wire, method_cfg = method_config(cfg, name)
+    except (KeyError, ValueError):
+        return True
+    return not device_settings(method_cfg, wire).pipelined
 
 
 def _fmt(v: Any, spec: str) -> str:

@@ -6,7 +6,7 @@
 For each family it builds a tiny random-weight target and draft (``covspec.models.tiny.TINY_FAMILIES``, no
 downloads) on the device and runs the checks the tests run (``covspec.models.checks``): greedy decoding equals
 ``model.generate``, k-token verification equals k steps, rollback, pruned prefill positions, ``prepare_from_ids``,
-batched verification; then covspec greedy through the in-process engine (random draft, and the target drafting for
+batched verification, token-tree verification; then covspec greedy through the in-process engine (random draft, and the target drafting for
 itself with the joint pruner at keep 0.25) must equal target-only greedy. It prints one table row per family:
 the checks' outcome, prefill / decode step / verify-k medians (ms) and the engine's time per generated token.
 
@@ -76,6 +76,8 @@ def check_family(family: str, device: str, tokens: int, k: int, num_samples: int
             prompts = [target.prepare(image, question) for image, question in images]
             C.check_forward_batch(target, prompts, [block[: 2 + i] for i in range(len(prompts))], atol)
             row["checks"] += 1
+        C.check_tree_verify(target, target.prepare(*images[0]), target.prepare(*images[-1]), atol=atol)
+        row["checks"] += 1
         row |= C.step_timings(target, target.prepare(*images[0]), k)
     except Exception as exc:  # report, then still try the engine
         failures.append(_failed("adapter", exc))

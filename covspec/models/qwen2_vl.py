@@ -208,7 +208,8 @@ class Qwen2VLAdapter:
     @torch.inference_mode()
     def forward(self, state: MRopeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
         k = int(token_ids.shape[0])
-        positions = state.seq_len + state.rope_delta + tree_offsets(parents, k, self.device)
+        offsets = tree_offsets(parents, k, self.device)
+        positions = self._positions(state, int(offsets.max()) + 1)[offsets]
         out = self.model(
             input_ids=token_ids.to(self.device)[None],
             position_ids=positions.expand(3, 1, k),

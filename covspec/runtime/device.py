@@ -148,6 +148,7 @@ class RequestResult:
     tokens_reused: int = 0  # drafts taken from matching branches into later blocks
     tree_rounds: int = 0  # rounds that sent a token tree (branching.tree > 0, greedy)
     tree_hits: int = 0  # tree rounds whose accepted path went through an alternative branch
+    tree_nodes: int = 0  # alternative tokens sent in trees (not counted in num_drafted, which counts the blocks)
     controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
     session_reopens: int = 0  # times the edge session was lost and reopened from the committed tokens
 
@@ -186,6 +187,7 @@ class RequestResult:
             "tokens_reused": self.tokens_reused,
             "tree_rounds": self.tree_rounds,
             "tree_hits": self.tree_hits,
+            "tree_nodes": self.tree_nodes,
             "controller_gammas": self.controller_gammas,
             "session_reopens": self.session_reopens,
             "visual_tokens": self.visual_tokens,
@@ -451,18 +453,20 @@ class Device:
 
     def _settle_round(
         self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
-        gen: torch.Generator, result: RequestResult, committed: list[int], start: float, drafted: int | None = None,
+        gen: torch.Generator, result: RequestResult, committed: list[int], start: float,
+        tree: tuple[int, int] | None = None,
     ) -> tuple[int | None, bool]:  # fmt: skip
         """Check the verdict, commit the accepted drafts and the round's last token, record the round.
 
-        ``ids``/``q_rows``: the drafted chain, or for a token tree the accepted path (``drafted``: the tree's size).
+        ``ids``/``q_rows``: the drafted chain, or for a token tree (greedy) the accepted path, with ``tree`` = (nodes
+        sent, block length): the block counts as drafted, the alternatives as ``tree_nodes``.
         Returns the committed bonus/correction (None when the round ended on EOS) and whether the request is done.
         """
         s = self.settings
         eos = self.draft.eos_token_ids
-        drafted = len(ids) if drafted is None else drafted
+        sent, drafted = (len(ids), len(ids)) if tree is None else tree
         check_against(reply, self.draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
-                      num_drafted=drafted, expected_seq=seq)  # fmt: skip
+                      num_drafted=sent, expected_seq=seq)  # fmt: skip
         if reply.num_accepted > len(ids):
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"num_accepted = {reply.num_accepted} beyond the path")
         n = reply.num_accepted
@@ -475,6 +479,7 @@ class Device:
             result.ttft_s = time.perf_counter() - start
         result.rounds += 1
         result.num_drafted += drafted
+        result.tree_nodes += sent - drafted
         result.num_accepted += n
         result.round_log.append(Round(drafted, n, result.more_candidate_requests - more_before))
         hit_eos = n > 0 and ids[n - 1] in eos

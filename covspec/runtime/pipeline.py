@@ -133,8 +133,11 @@ class PipelinedLoop:
             unsure_last = self.policy.adaptive and alt is None and rnd.block[-1].conf < self.policy.stop_threshold
             self.policy.observe_round(len(rnd.block) if alt is None else alt.root + 1 + len(alt.drafts), n, wait,
                                       unsure_last)  # fmt: skip
-            token, done = d._settle_round(seq, reply, [ids[i] for i in path], q_rows[path], self.gen, result,
-                                          committed, start, drafted=len(ids))  # fmt: skip
+            if parents is None:
+                token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
+            else:  # greedy: the path's tokens are what is committed (no q row is needed for the correction)
+                token, done = d._settle_round(seq, reply, [ids[i] for i in path], q_rows[path], self.gen, result,
+                                              committed, start, tree=(len(ids), len(rnd.block)))  # fmt: skip
             result.tree_hits += alt is not None
             if done:
                 break
