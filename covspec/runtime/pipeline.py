@@ -101,6 +101,7 @@ class PipelinedLoop:
         self.gen = gen  # the device's randomness: drafts and corrections, as in the fixed loop
         self.hits = self.misses = self.reused = 0
         self._pick_s = 0.0  # time of the last token choice, counted into the next draft step
+        self._tree_block: list[DraftToken] | None = None  # the block being drafted (see _ends)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -180,11 +181,13 @@ class PipelinedLoop:
 
     def _ends(self, drafts: list[DraftToken], gamma: int, stop: bool = True) -> bool:
         """Whether a block (or a branch drafting the next block) ends after its last token; ``stop``: the
-        confidence stop applies (a token tree branches at unsure tokens instead of stopping there)."""
+        confidence stop applies. A token tree's block and alternatives do not stop at unsure tokens: the tree
+        branches there instead (``_grow_tree``)."""
         tok = drafts[-1]
         if tok.id in self.eos or len(drafts) >= gamma:
             return True
-        return stop and self.policy.stop_after(len(drafts) - 1, tok.conf)
+        tree_block = self.tree_width > 0 and drafts is self._tree_block
+        return stop and not tree_block and self.policy.stop_after(len(drafts) - 1, tok.conf)
 
     def _block(self, live: list[DraftToken], gamma: int) -> _Round:
         """The next block of at most ``gamma`` tokens: ``live`` drafts first, then new ones; what ``live`` holds
@@ -192,17 +195,17 @@ class PipelinedLoop:
         live_fed = _fed(live, self.eos)
         base = self.state.seq_len - live_fed
         block: list[DraftToken] = []
-        stop = not self.tree_width
+        self._tree_block = block  # _ends: the block of a tree may branch at unsure tokens instead of stopping
         for tok in live:
             block.append(tok)
-            if self._ends(block, gamma, stop):
+            if self._ends(block, gamma):
                 break
         rest = live[len(block) :]
         fed = min(len(block), live_fed)
-        if not block or not self._ends(block, gamma, stop):
+        if not block or not self._ends(block, gamma):
             while True:  # live is used up and fully fed: the frontier follows its last token
                 block.append(self._draft_token(self.logits))
-                if self._ends(block, gamma, stop):
+                if self._ends(block, gamma):
                     break
                 self.logits = self._feed([block[-1].id])
                 fed += 1
@@ -303,7 +306,7 @@ class PipelinedLoop:
         for alt in alts:
             graft(self.state, tail, alt.root - split)
             alt.logits, alt.started = self._feed([alt.token]), True
-            for _ in self._extend(alt, caps[alt.root], False):
+            for _ in self._extend(alt, caps[alt.root], stop=False):
                 pass
             alt.kv = take_suffix(self.state, rnd.base + alt.root)
             self.draft.rollback(self.state, rnd.base + split)
