@@ -6,9 +6,10 @@
 For each family it builds a tiny random-weight target and draft (``covspec.models.tiny.TINY_FAMILIES``, no
 downloads) on the device and runs the checks the tests run (``covspec.models.checks``): greedy decoding equals
 ``model.generate``, k-token verification equals k steps, rollback, pruned prefill positions, ``prepare_from_ids``,
-batched verification, token-tree verification; then covspec greedy through the in-process engine (random draft, and the target drafting for
-itself with the joint pruner at keep 0.25) must equal target-only greedy. It prints one table row per family:
-the checks' outcome, prefill / decode step / verify-k medians (ms) and the engine's time per generated token.
+batched verification, token-tree verification; then covspec greedy through the in-process engine (random draft,
+and the target drafting for itself with the joint pruner at keep 0.25) must equal target-only greedy. It prints one
+table row per family: the checks' outcome, prefill / decode step / verify-k medians (ms) and the engine's time per
+generated token.
 
 Without CUDA (and ``--device cuda``, the default) it prints a skip message and exits 0. ``--device cpu`` runs the
 same path on the CPU. Exit status 1 if any check failed.

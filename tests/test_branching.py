@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
 from covspec.decoding.branching import Branch, DraftToken, match, plan_alternatives, reach_probabilities
+from covspec.decoding.tree import parents_from_branches
 from covspec.models.base import DecodeState, PromptInputs
 from covspec.models.kvcache import graft, take_suffix
 from covspec.models.tiny import TINY_SPECS, tiny_llava
@@ -158,8 +159,8 @@ class ScriptedEdge:
             self.history.append(msg.last_token)
         ids = list(msg.draft_ids)
         self.blocks.append(ids)
-        self.trees.append(list(msg.parents))
-        parents = list(msg.parents) or list(range(-1, len(ids) - 1))
+        parents = parents_from_branches(len(ids), msg.branches)
+        self.trees.append(parents if msg.branches else [])
         children = {(p, t): i for i, (t, p) in enumerate(zip(ids, parents, strict=True))}
         path: list[int] = []
         while (child := children.get((path[-1] if path else -1, self.target(self.history + [ids[i] for i in path])))) \
@@ -170,7 +171,7 @@ class ScriptedEdge:
         accepted = [ids[i] for i in path]
         token = self.target(self.history + accepted)
         self.history += accepted
-        leaf = path[-1] if msg.parents and path else -1
+        leaf = path[-1] if msg.branches and path else -1
         self.inbox.append([self.polls, VerifyResponse(msg.session_id, msg.seq, len(path), token, leaf=leaf)])
 
     def recv(self, timeout=None):

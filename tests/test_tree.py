@@ -9,10 +9,12 @@ from covspec.data.shapes import load_split
 from covspec.decoding.autoregressive import generate
 from covspec.decoding.tree import (
     ancestors,
+    branches_from_parents,
     chain,
     check_tree,
     depths,
     is_chain,
+    parents_from_branches,
     path_to,
     verify_greedy_tree,
 )
@@ -113,25 +115,42 @@ def test_tiny_llava_scores_a_tree_as_its_chains():
 # -- wire --------------------------------------------------------------------------------------------
 
 
-def test_tree_fields_round_trip_and_chains_cost_nothing_extra():
-    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, parents=PARENTS)
+def test_branches_encode_any_tree():
+    assert branches_from_parents(PARENTS) == [0, 2, -1, 2]  # 10-11-12 main; 20-21 off node 0; 30-31 off the prefix
+    assert parents_from_branches(len(IDS), [0, 2, -1, 2]) == PARENTS
+    assert branches_from_parents(chain(4)) == [] and parents_from_branches(4, []) == chain(4)
+    deep = [-1, 0, 1, 1, 3, 0, 5, 6]  # a branch off a branch: node 5 attaches to node 0, after the branch at 1
+    assert parents_from_branches(len(deep), branches_from_parents(deep)) == deep
+    bushy = [-1, -1, 0, 1]  # no node continues the one before it: every node but the first is a branch of one
+    assert branches_from_parents(bushy) == [-1, 1, 0, 1, 1, 1]
+    assert parents_from_branches(4, [-1, 1, 0, 1, 1, 1]) == bushy
+    for bad, message in [([0], "pairs"), ([0, 0], "length"), ([0, 7], "main chain"), ([6, 1], "attaches")]:
+        with pytest.raises(ValueError, match=message):
+            parents_from_branches(7, bad)
+
+
+def test_tree_fields_round_trip_and_cost_two_bytes_per_branch():
+    branches = branches_from_parents(PARENTS)
+    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, branches=branches)
     assert decode(encode(tree)) == tree
     plain = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1)
-    assert len(encode(tree)) == len(encode(plain)) + 2 + 2 + 1 + len(PARENTS)  # two empty bins, list header, ids
+    assert len(encode(tree)) == len(encode(plain)) + 2 + 2 + 1 + 2 * 2  # two empty bins, a list header, 2 pairs
     reply = VerifyResponse("s1", 0, 3, 7, leaf=4)
     assert decode(encode(reply)) == reply
     assert len(encode(VerifyResponse("s1", 0, 3, 7))) < len(encode(reply))
 
 
 def test_tree_fields_are_checked_against_the_session():
-    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, parents=PARENTS)
+    tree = VerifyRequest("s1", 0, IDS, committed_len=0, last_token=-1, branches=[0, 2, -1, 2])
     check_against(tree, 40, mode="covspec", sampling=False)
     for kwargs, code in [(dict(sampling=True), "length_mismatch"), (dict(mode="dssd"), "invalid_field")]:
         with pytest.raises(ProtocolError) as err:
             check_against(tree, 40, **{"mode": "covspec", "sampling": False, **kwargs})
         assert err.value.code == code, kwargs
-    with pytest.raises(ProtocolError, match="parents has 2 entries"):
-        check_against(VerifyRequest("s1", 0, [1, 2, 3], committed_len=0, last_token=-1, parents=[-1, 0]), 40)
+    with pytest.raises(ProtocolError, match="main chain"):
+        check_against(VerifyRequest("s1", 0, [1, 2, 3], committed_len=0, last_token=-1, branches=[-1, 3]), 40)
+    with pytest.raises(ProtocolError, match="repeats token"):
+        check_against(VerifyRequest("s1", 0, [1, 2, 1], committed_len=0, last_token=-1, branches=[-1, 1]), 40)
     with pytest.raises(ProtocolError, match="leaf = 7"):
         check_against(VerifyResponse("s1", 0, 3, 7, leaf=7), 40, num_drafted=7)
     with pytest.raises(ProtocolError, match="num_accepted = 0"):
@@ -181,7 +200,7 @@ def test_edge_accepts_the_targets_branch_and_keeps_only_its_path(edge_and_target
         ids = [wrong[at], expected[at], *right]
         parents = [-1, 0, -1, *range(2, 1 + len(right))]
         reply = _ask(edge, VerifyRequest(sid, seq, ids, committed_len=len(committed), last_token=last,
-                                         parents=parents))  # fmt: skip
+                                         branches=branches_from_parents(parents)))  # fmt: skip
         assert isinstance(reply, VerifyResponse), reply
         assert reply.num_accepted == len(right) and reply.leaf == len(ids) - 1
         committed += right
@@ -202,17 +221,18 @@ def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
     s = edge.sessions[sid]
     before = (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len)
     bad = {
-        "order": VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1, parents=[-1, 1]),
-        "siblings": VerifyRequest(sid, 0, [5, 5], committed_len=0, last_token=-1, parents=[-1, -1]),
-        "after EOS": VerifyRequest(sid, 0, [eos, 6], committed_len=0, last_token=-1, parents=[-1, 0]),
-        "too deep": VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, parents=chain(17)),
-        "length": VerifyRequest(sid, 0, [5, 6, 7], committed_len=0, last_token=-1, parents=[-1, 0]),
+        "attach after": VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1, branches=[1, 1]),
+        "siblings": VerifyRequest(sid, 0, [5, 5], committed_len=0, last_token=-1, branches=[-1, 1]),
+        "after EOS": VerifyRequest(sid, 0, [eos, 6, 7], committed_len=0, last_token=-1, branches=[0, 1]),
+        "too deep": VerifyRequest(sid, 0, list(range(3, 21)), committed_len=0, last_token=-1, branches=[-1, 1]),
+        "no main chain": VerifyRequest(sid, 0, [5, 6, 7], committed_len=0, last_token=-1, branches=[-1, 3]),
+        "odd": VerifyRequest(sid, 0, [5, 6, 7], committed_len=0, last_token=-1, branches=[-1]),
     }
     for name, msg in bad.items():
         reply = _ask(edge, msg)
         assert isinstance(reply, ErrorReply), name
         assert (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len) == before, name
-    wide = VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, parents=[-1] * 17)
+    wide = VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, branches=[-1, 1] * 16)
     assert isinstance(_ask(edge, wide), VerifyResponse)  # 17 nodes but depth 1: within max_new_tokens = 16
 
 
@@ -224,6 +244,6 @@ def test_trees_are_refused_under_sampling(edge_and_target):
     from covspec.protocol import probs_to_bytes
 
     msg = VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1,
-                        draft_probs=probs_to_bytes(np.array([0.5, 0.5])), parents=[-1, -1])  # fmt: skip
+                        draft_probs=probs_to_bytes(np.array([0.5, 0.5])), branches=[-1, 1])  # fmt: skip
     reply = _ask(edge, msg)
     assert isinstance(reply, ErrorReply) and "greedy" in reply.message

@@ -32,6 +32,45 @@ def is_chain(parents: Sequence[int]) -> bool:
     return all(p == i - 1 for i, p in enumerate(parents))
 
 
+def parents_from_branches(k: int, branches: Sequence[int]) -> list[int]:
+    """The parents of the k-node tree that the wire's ``branches`` describe.
+
+    ``branches`` is flat pairs ``[attach_1, length_1, attach_2, length_2, ...]``. The first
+    k − Σ length_i nodes are the main chain (from the prefix); then each branch's nodes follow in order, the
+    first attached to node ``attach_i`` (−1: the prefix; else a node before the branch), the others a chain.
+    Every tree with parents before children has this form (a node that does not continue the node before it starts
+    a branch); a block with a few alternatives costs 2 bytes per alternative on the wire instead of one per node.
+    Raises ``ValueError`` naming the bad entry.
+    """
+    if len(branches) % 2:
+        raise ValueError(f"branches must be (attach, length) pairs, got {len(branches)} numbers")
+    lengths = list(branches[1::2])
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"branches: every length must be >= 1, got {lengths}")
+    start = k - sum(lengths)
+    if start < 1:
+        raise ValueError(f"branches hold {sum(lengths)} nodes of {k}: the main chain needs at least one")
+    parents = chain(start)
+    for i in range(0, len(branches), 2):
+        attach, n = branches[i], branches[i + 1]
+        if not -1 <= attach < len(parents):
+            raise ValueError(f"branches[{i}] = {attach}: a branch attaches to -1 or an earlier node (< {len(parents)})")
+        parents += [attach, *range(len(parents), len(parents) + n - 1)]
+    return parents
+
+
+def branches_from_parents(parents: Sequence[int]) -> list[int]:
+    """The wire form of ``parents`` (parents before children; see :func:`parents_from_branches`)."""
+    start = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
+    out: list[int] = []
+    for i in range(start, len(parents)):
+        if parents[i] != i - 1 or i == start:
+            out += [parents[i], 1]
+        else:
+            out[-1] += 1
+    return out
+
+
 def check_tree(ids: Sequence[int], parents: Sequence[int], eos: Collection[int] = ()) -> None:
     """Raise ``ValueError`` naming the first problem: lengths, a parent not before its child, equal siblings,
     or a node after EOS."""

@@ -27,7 +27,7 @@ Message flow and conventions (the byte formulas in ``accounting`` rely on them):
 - ``VerifyResponse.token`` is the bonus token (all accepted) or the corrected token (covspec greedy rejection), and -1
   when the device corrects itself: from ``candidate_ids`` (covspec, sampling), from ``target_dists`` (dssd,
   greedy or sampling: p at the rejected position, V floats), or always for ``vanilla_sd`` (p at the k+1 positions).
-- A ``VerifyRequest`` with ``parents`` carries a token tree (covspec, greedy only): the edge verifies every branch
+- A ``VerifyRequest`` with ``branches`` carries a token tree (covspec, greedy only): the edge verifies every branch
   in one forward and answers with the accepted path's last node in ``leaf``.
 - ``decode`` checks everything that needs no session state; ``check_against`` / ``validate_against`` check the
   rest (vocabulary, method, committed length). A receiver answers a bad message with an ``ErrorReply`` and
@@ -46,7 +46,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 4  # 4: token trees (VerifyRequest.parents, VerifyResponse.leaf)
+PROTOCOL_VERSION = 4  # 4: token trees (VerifyRequest.branches, VerifyResponse.leaf)
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 WIRE_MODES = ("target_only", "vanilla_sd", "dssd", "covspec")
 """How a method talks to the edge; covspec's ablations use the ``covspec`` mode."""
@@ -158,9 +158,9 @@ class VerifyRequest(_Message, tag=2):
     candidates, or a token with p > 0), so a device cannot commit a token the target could not have produced."""
     draft_probs: bytes = b""  # float32 [k]: q(x_i) when sampling; empty when greedy
     draft_dists: bytes = b""  # float32 [k, V]: vanilla_sd only; empty otherwise
-    parents: list[Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]] = []
-    """A token tree (covspec, greedy): ``parents[i]`` is the node draft_ids[i] follows, -1 for the committed prefix
-    (``covspec.decoding.tree``); empty: the block is a chain."""
+    branches: list[Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]] = []
+    """A token tree (covspec, greedy): flat (attach, length) pairs, one per branch off the main chain
+    (``covspec.decoding.tree.parents_from_branches``); empty: the block is a chain."""
 
 
 class MoreCandidates(_Message, tag=3):

@@ -10,7 +10,7 @@ from collections.abc import Container, Sequence
 
 import numpy as np
 
-from covspec.decoding.tree import check_tree
+from covspec.decoding.tree import check_tree, parents_from_branches
 from covspec.protocol.messages import (
     Close,
     ErrorCode,
@@ -133,15 +133,13 @@ def _check_verify_request(
         )
     if mode == "target_only":
         raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "VerifyRequest in a target_only session")
-    if msg.parents:
-        if len(msg.parents) != k:
-            raise ProtocolError(ErrorCode.LENGTH_MISMATCH, f"parents has {len(msg.parents)} entries for {k} draft_ids")
+    if msg.branches:
         if sampling or msg.draft_probs:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "parents (a token tree) need greedy decoding")
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "branches (a token tree) need greedy decoding")
         if mode is not None and mode != "covspec":
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"parents (a token tree) in a {mode} session (covspec only)")
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"branches (a token tree) in a {mode} session (covspec only)")
         try:
-            check_tree(msg.draft_ids, msg.parents)
+            check_tree(msg.draft_ids, parents_from_branches(k, msg.branches))
         except ValueError as e:
             raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
     if mode is not None:

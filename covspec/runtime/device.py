@@ -32,6 +32,7 @@ from PIL import Image
 
 from covspec.decoding.autoregressive import generate
 from covspec.decoding.sampling import probs_from_logits, sample
+from covspec.decoding.tree import branches_from_parents
 from covspec.decoding.verify import correct_from_candidates, correct_from_residual
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
@@ -446,7 +447,7 @@ class Device:
             self.session.sid, seq, ids, committed_len=len(committed), last_token=last_token,
             draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
             draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
-            parents=parents or [],
+            branches=branches_from_parents(parents) if parents else [],
         )  # fmt: skip
         self.session.in_flight = (block, list(committed))
         self.transport.send(block)

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from covspec.decoding.sampling import probs_from_logits, sample
-from covspec.decoding.tree import check_tree, depths, verify_greedy_tree
+from covspec.decoding.tree import check_tree, depths, parents_from_branches, verify_greedy_tree
 from covspec.decoding.verify import sample_candidates, verify_greedy, verify_sampling
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.models.kvcache import keep_nodes
@@ -464,7 +464,7 @@ class Edge:
         check_against(msg, self.vocab_size, mode=s.method, sampling=s.sampling, expected_seq=s.seq,
                       committed_len=committed)  # fmt: skip
         self._check_last_token(s, msg)
-        tree = msg.parents or None
+        tree = parents_from_branches(len(msg.draft_ids), msg.branches) if msg.branches else None  # checked already
         depth = len(msg.draft_ids) if tree is None else max(depths(tree)) + 1
         if committed + depth > s.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {depth} tokens exceeds max_new_tokens")
@@ -482,7 +482,7 @@ class Edge:
 
         def finish(logits: torch.Tensor) -> list[Message]:  # [c + k, V]
             if tree is not None:
-                return [self._verify_tree_finish(s, msg, prefix, base_len, logits)]
+                return [self._verify_tree_finish(s, msg, tree, prefix, base_len, logits)]
             return [self._verify_finish(s, msg, prefix, base_len, logits, q if s.sampling else None)]
 
         # The job's tree: the carried token (if any) first, the drafted tree hanging from it.
@@ -491,13 +491,13 @@ class Edge:
         return _Job(s, prefix + list(msg.draft_ids), finish, job_tree)
 
     def _verify_tree_finish(
-        self, s: Session, msg: VerifyRequest, prefix: list[int], base_len: int, logits: torch.Tensor
+        self, s: Session, msg: VerifyRequest, tree: list[int], prefix: list[int], base_len: int, logits: torch.Tensor
     ) -> VerifyResponse:
         """Greedy verdict on a token tree: walk it with the target's argmax, keep the accepted path's cache
         entries (``kvcache.keep_nodes``) and answer with its last node."""
         self.stats.verify_rounds += 1
         rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: row i + 1 after node i
-        path, _ = verify_greedy_tree(msg.draft_ids, msg.parents, rows, self.target.eos_token_ids)
+        path, _ = verify_greedy_tree(msg.draft_ids, tree, rows, self.target.eos_token_ids)
         s.committed.extend(prefix + [msg.draft_ids[i] for i in path])
         keep_nodes(s.state, base_len, list(range(len(prefix))) + [len(prefix) + i for i in path])
         path_rows = rows[[0] + [i + 1 for i in path]]  # [n + 1, V]: the chain's rows along the path
