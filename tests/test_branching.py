@@ -395,7 +395,7 @@ def make_pair(name):
 VARIANTS = {
     "branching": dict(gamma=4, branch_budget=3),
     "adaptive+branching": dict(gamma=3, gamma_max=8, policy="adaptive", threshold=0.2, branch_budget=4),
-    "adaptive+branching+tree": dict(gamma=3, gamma_max=8, policy="adaptive", threshold=0.2, branch_budget=2, tree=2),
+    "branching+tree": dict(gamma=4, branch_budget=2, tree=2),  # fixed policy: every planned alternative is drafted
     # the stop's threshold from the cost model after the first round (capped at a high tau, so that it binds)
     "adaptive+branching, cost stop": dict(
         gamma=3, gamma_max=8, policy="adaptive", threshold=0.9, stop="cost", branch_budget=4

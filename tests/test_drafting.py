@@ -66,6 +66,20 @@ def test_fixed_policy_never_stops_early_and_ignores_measurements():
     assert not policy.stop_after(0, 0.01)
 
 
+def test_tree_alternatives_are_drafted_when_their_chance_times_the_wait_beats_their_cost():
+    assert DraftPolicy("fixed").alternative_pays(0.0, 100)  # fixed policy: every planned alternative
+    policy = DraftPolicy("adaptive", decay=0.0)
+    assert not policy.alternative_pays(1.0, 1)  # nothing measured yet: no alternative
+    policy.observe_step(1 * MS)
+    policy.observe_round(drafted=5, accepted=3, wait_s=50 * MS)
+    assert policy.alternative_pays(0.25, 10)  # 0.25 x 50 ms > 10 x 1 ms
+    assert not policy.alternative_pays(0.15, 10)  # 7.5 ms < 10 ms
+    policy.observe_step(5 * MS)  # a five times slower draft (a phone)
+    assert not policy.alternative_pays(0.25, 10)
+    policy.observe_overhead(160 * MS)  # per-round work counts like waiting: 0.25 x 210 ms > 10 x 5 ms
+    assert policy.alternative_pays(0.25, 10)
+
+
 def test_confidence_stop_respects_threshold_and_gamma_min():
     policy = DraftPolicy("adaptive", gamma=6, gamma_min=3, gamma_max=10, threshold=0.4)
     assert not policy.stop_after(0, 0.1) and not policy.stop_after(1, 0.1)  # fewer than gamma_min drafted

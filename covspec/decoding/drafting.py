@@ -238,11 +238,13 @@ class DraftPolicy:
         ``win`` is the draft's own estimate that the accepted path goes through the alternative (``Branch.score``:
         the chance of reaching its root times the probability of its token), ``steps`` the draft steps it costs
         (its token and continuation). If it wins, the round commits what would otherwise take another round, so
-        it saves about one wait L; it always costs ``steps``·c before the send. Drafted when win·L > steps·c, and
-        always until L and c are measured (or with the fixed policy)."""
-        e = self.estimates
-        if not self.adaptive or e.draft_s is None or e.wait_s is None:
+        it saves about one wait L; it always costs ``steps``·c before the send. Drafted when win·L > steps·c; with
+        the fixed policy always; never before L and c are measured (the first round of a device's first request)."""
+        if not self.adaptive:
             return True
+        e = self.estimates
+        if e.draft_s is None or e.wait_s is None:
+            return False
         return win * (e.wait_s + (e.overhead_s or 0.0)) > steps * e.draft_s
 
     def stop_after(self, index: int, confidence: float) -> bool:
