@@ -243,6 +243,8 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         row["device_idle_fraction"] = idle / (busy + idle) if speculative and busy + idle > 0 else None
         hits, misses = s.sum("branch_hits"), s.sum("branch_misses")
         row["branch_hit_rate"] = hits / (hits + misses) if hits + misses else None
+        tree_rounds = s.sum("tree_rounds")
+        row["tree_hit_rate"] = s.sum("tree_hits") / tree_rounds if tree_rounds else None
         row["latency_p50_s"] = s.quantile("latency_s", 0.5)
         row["latency_p95_s"] = s.quantile("latency_s", 0.95)
         if row["mean_accepted_length"] and name not in (HF_PEER,) and _fixed_chains(cfg, name):
@@ -298,7 +300,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
     ]  # fmt: skip
     if cfg.data.benchmark != "shapes":  # on shapes the score is the exact match already shown
         cols.insert(cols.index(("EM", "exact_match", ".1%")), ("score", "score", ".1%"))
-    optional = [("idle", "device_idle_fraction", ".0%"), ("branch hit", "branch_hit_rate", ".0%")]
+    optional = [("idle", "device_idle_fraction", ".0%"), ("branch hit", "branch_hit_rate", ".0%"),
+                ("tree hit", "tree_hit_rate", ".0%")]  # fmt: skip
     cols += [c for c in optional if any(row.get(c[1]) is not None for row in rows)]  # adaptive drafting / branching
     for title, _, _ in cols:
         table.add_column(title, justify="left" if title == "method" else "right")

@@ -25,5 +25,6 @@ def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys):
     reference = {r["sample_id"]: r["token_ids"] for r in rows if r["method"] == "target_only"}
     for r in rows:
         assert r["token_ids"] == reference[r["sample_id"]], r["method"]  # greedy: every method is target-exact
+    assert all({"tree_rounds", "tree_hits", "tree_nodes"} <= r.keys() for r in rows if r["method"] == "covspec")
     printed = "".join(capsys.readouterr().out.split())  # rich wraps the title
     assert f"edgeina{edge}" in printed and "covspec" in printed
