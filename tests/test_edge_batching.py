@@ -200,7 +200,7 @@ class _Forgetful:
                     self.edge.sessions.clear()
 
 
-@pytest.mark.parametrize("method", ["target_only", "vanilla_sd", "dssd", "covspec"])
+@pytest.mark.parametrize("method", ["target_only", "vanilla_sd", "dssd", "covspec", "covspec+tree"])
 def test_a_lost_session_is_reopened_and_the_output_does_not_change(toy_pair, method):
     target, draft = toy_pair
     samples = [s for s in load_split("test", 12) if s.kind == "describe"][:2]  # long answers: several rounds
@@ -208,7 +208,8 @@ def test_a_lost_session_is_reopened_and_the_output_does_not_change(toy_pair, met
         outputs = []
         for handler in (Edge(target).handle, _Forgetful(Edge(target), every=2)):
             transport = InProcessTransport(handler, Link(colocated_profile()))
-            settings = DeviceSettings(method=method, max_new_tokens=40, gamma=3)
+            tree = 2 if method.endswith("+tree") else 0  # a token tree in flight is resent as it was
+            settings = DeviceSettings(method=method.removesuffix("+tree"), max_new_tokens=40, gamma=3, tree=tree)
             try:
                 outputs.append(Device(draft, transport, settings).run(sample.image(), sample.question))
             finally:
@@ -216,6 +217,7 @@ def test_a_lost_session_is_reopened_and_the_output_does_not_change(toy_pair, met
         plain, lossy = outputs
         assert lossy.token_ids == plain.token_ids
         assert plain.session_reopens == 0 and lossy.session_reopens >= 1, method
+        assert (lossy.tree_rounds > 0) == method.endswith("+tree")
 
 
 class _LosesCorrections:
