@@ -107,13 +107,12 @@ def path_to(parents: Sequence[int], leaf: int) -> list[int]:
 def ancestors(parents: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Bool ``[k, k]``: entry (i, j) is True when node j is node i or one of its ancestors (the tree's causal
     mask among the new tokens; a chain gives the lower triangle)."""
-    k = len(parents)
-    out = torch.zeros(k, k, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            out[i] = out[p]
-        out[i, i] = True
-    return out.to(device) if device is not None else out
+    rows: list[list[bool]] = []
+    for i, p in enumerate(parents):  # plain Python: one tensor at the end, not two tensor ops per node
+        row = list(rows[p]) if p >= 0 else [False] * len(parents)
+        row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool, device=device).view(len(parents), len(parents))
 
 
 def verify_greedy_tree(ids: Sequence[int], parents: Sequence[int], rows: torch.Tensor,

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from covspec.decoding.sampling import probs_from_logits, sample
-from covspec.decoding.tree import check_tree, depths, parents_from_branches, verify_greedy_tree
+from covspec.decoding.tree import chain, depths, parents_from_branches, verify_greedy_tree
 from covspec.decoding.verify import sample_candidates, verify_greedy, verify_sampling
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.models.kvcache import keep_nodes
@@ -464,72 +464,61 @@ class Edge:
         check_against(msg, self.vocab_size, mode=s.method, sampling=s.sampling, expected_seq=s.seq,
                       committed_len=committed)  # fmt: skip
         self._check_last_token(s, msg)
-        tree = parents_from_branches(len(msg.draft_ids), msg.branches) if msg.branches else None  # checked already
-        depth = len(msg.draft_ids) if tree is None else max(depths(tree)) + 1
+        # A chain is the tree whose nodes each follow the one before (the wire's branches are checked already).
+        tree = parents_from_branches(len(msg.draft_ids), msg.branches) if msg.branches else None
+        parents = tree or chain(len(msg.draft_ids))
+        depth = max(depths(parents)) + 1
         if committed + depth > s.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"block of {depth} tokens exceeds max_new_tokens")
-        if tree is None and not self.target.eos_token_ids.isdisjoint(msg.draft_ids[:-1]):
+        if any(p >= 0 and msg.draft_ids[p] in self.target.eos_token_ids for p in parents):
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
-        if tree is not None:
-            try:
-                check_tree(msg.draft_ids, tree, self.target.eos_token_ids)
-            except ValueError as e:
-                raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
         prefix = [] if msg.last_token < 0 else [msg.last_token]
         base_len = s.state.seq_len
 
         def finish(logits: torch.Tensor) -> list[Message]:  # [c + k, V]
-            if tree is not None:
-                return [self._verify_tree_finish(s, msg, tree, prefix, base_len, logits)]
-            return [self._verify_finish(s, msg, prefix, base_len, logits, q if s.sampling else None)]
+            return [self._verify_finish(s, msg, tree, prefix, base_len, logits, q if s.sampling else None)]
 
-        # The job's tree: the carried token (if any) first, the drafted tree hanging from it.
-        job_tree = None if tree is None else [*(range(-1, len(prefix) - 1)), *(p + len(prefix) if p >= 0
-                                               else len(prefix) - 1 for p in tree)]  # fmt: skip
+        # A tree's job: the carried token (if any) first, the drafted tree hanging from it (-1 + c: after it).
+        job_tree = None if tree is None else [*chain(len(prefix)), *(p + len(prefix) for p in tree)]
         return _Job(s, prefix + list(msg.draft_ids), finish, job_tree)
 
-    def _verify_tree_finish(
-        self, s: Session, msg: VerifyRequest, tree: list[int], prefix: list[int], base_len: int, logits: torch.Tensor
-    ) -> VerifyResponse:
-        """Greedy verdict on a token tree: walk it with the target's argmax, keep the accepted path's cache
-        entries (``kvcache.keep_nodes``) and answer with its last node."""
+    def _verify_finish(
+        self, s: Session, msg: VerifyRequest, tree: list[int] | None, prefix: list[int], base_len: int,
+        logits: torch.Tensor, q: torch.Tensor | None,
+    ) -> VerifyResponse:  # fmt: skip
+        """Accept/reject from the target rows; commit, crop the cache and build the verdict.
+
+        A token tree (greedy) is walked with the target's argmax (``verify_greedy_tree``); its accepted path's
+        rows then stand for the chain's, the cache keeps only the path's entries (``kvcache.keep_nodes``) and the
+        verdict names the path's last node (``leaf``)."""
         self.stats.verify_rounds += 1
         rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: row i + 1 after node i
-        path, _ = verify_greedy_tree(msg.draft_ids, tree, rows, self.target.eos_token_ids)
-        s.committed.extend(prefix + [msg.draft_ids[i] for i in path])
-        keep_nodes(s.state, base_len, list(range(len(prefix))) + [len(prefix) + i for i in path])
-        path_rows = rows[[0] + [i + 1 for i in path]]  # [n + 1, V]: the chain's rows along the path
-        s.last_logits = path_rows[-1]
-        s.seq += 1
-        s.verified += 1
-        s.more_requests = 0
-        p = probs_from_logits(path_rows.float(), s.temperature, s.top_p)
-        verdict = self._verdict(s, msg, p, len(path), None)
-        return msgspec.structs.replace(verdict, leaf=path[-1] if path else -1)
-
-    def _verify_finish(
-        self, s: Session, msg: VerifyRequest, prefix: list[int], base_len: int, logits: torch.Tensor,
-        q: torch.Tensor | None,
-    ) -> VerifyResponse:  # fmt: skip
-        """Accept/reject from the target rows; commit, crop the cache and build the verdict."""
-        self.stats.verify_rounds += 1
-        draft_ids = torch.tensor(msg.draft_ids)
-        rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: p_1 .. p_{k+1}
-        p = probs_from_logits(rows.float(), s.temperature, s.top_p)  # [k + 1, V]
-        if q is None:
-            num_accepted, rejected = verify_greedy(draft_ids, rows).num_accepted, None
+        rejected = None
+        if tree is not None:
+            nodes, _ = verify_greedy_tree(msg.draft_ids, tree, rows, self.target.eos_token_ids)
+            rows = rows[[0] + [i + 1 for i in nodes]]  # [n + 1, V]: the chain's rows along the path
+        p = probs_from_logits(rows.float(), s.temperature, s.top_p)
+        if tree is None:
+            draft_ids = torch.tensor(msg.draft_ids)
+            if q is None:
+                num_accepted = verify_greedy(draft_ids, rows).num_accepted
+            else:
+                num_accepted, rejected = verify_sampling(draft_ids, q, p, s.generator)
+            nodes = list(range(num_accepted))
+        c = len(prefix)
+        s.committed.extend(prefix + [msg.draft_ids[i] for i in nodes])
+        if tree is None:
+            self.target.rollback(s.state, base_len + c + len(nodes))
         else:
-            result = verify_sampling(draft_ids, q, p, s.generator)
-            num_accepted, rejected = result.num_accepted, result.rejected
-        s.committed.extend(prefix + msg.draft_ids[:num_accepted])
-        self.target.rollback(s.state, base_len + len(prefix) + num_accepted)
-        s.last_logits = rows[num_accepted]
+            keep_nodes(s.state, base_len, [*range(c), *(c + i for i in nodes)])
+        s.last_logits = rows[len(nodes)]
         s.seq += 1
         s.verified += 1
         s.more_requests = 0
-        return self._verdict(s, msg, p, num_accepted, rejected)
+        verdict = self._verdict(s, msg, p, len(nodes), rejected)
+        return verdict if tree is None else msgspec.structs.replace(verdict, leaf=nodes[-1] if nodes else -1)
 
     def _draft_probs(self, s: Session, msg: VerifyRequest, draft_ids: torch.Tensor) -> torch.Tensor:
         if s.method == "vanilla_sd":

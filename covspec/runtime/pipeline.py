@@ -265,14 +265,21 @@ class PipelinedLoop:
         rnd.main_tail = take_suffix(self.state, rnd.base + rnd.split)
         self.draft.rollback(self.state, rnd.base + rnd.split)
         for alt in rnd.alts:
-            graft(self.state, rnd.main_tail, alt.root - rnd.split)
             rnd.live_alt = alt
-            alt.logits, alt.started = self._feed([alt.token]), True
-            yield
-            yield from self._extend(alt, min(depth, room(alt.root)))
-            alt.kv = take_suffix(self.state, rnd.base + alt.root)
-            self.draft.rollback(self.state, rnd.base + rnd.split)
+            yield from self._draft_alternative(rnd.base, rnd.split, rnd.main_tail, alt, min(depth, room(alt.root)))
             rnd.live_alt = None
+
+    def _draft_alternative(self, base: int, split: int, tail: KVSuffix, alt: Branch, cap: int,
+                           stop: bool = True) -> Iterator[None]:  # fmt: skip
+        """Draft ``alt`` on prefix + main[split:alt.root] (from ``tail``, the main path's entries from ``split``):
+        its bet, then up to ``cap`` drafts; keep its cache suffix from its root as ``alt.kv`` and crop the cache back
+        to ``split``. Yields after every forward."""
+        graft(self.state, tail, alt.root - split)
+        alt.logits, alt.started = self._feed([alt.token]), True
+        yield
+        yield from self._extend(alt, cap, stop)
+        alt.kv = take_suffix(self.state, base + alt.root)
+        self.draft.rollback(self.state, base + split)
 
     def _extend(self, branch: Branch, cap: int, stop: bool = True) -> Iterator[None]:
         """Draft the next block after ``branch``'s bet, up to ``cap`` tokens, feeding each (not EOS)."""
@@ -304,22 +311,19 @@ class PipelinedLoop:
         tail = take_suffix(self.state, rnd.base + split)
         self.draft.rollback(self.state, rnd.base + split)
         for alt in alts:
-            graft(self.state, tail, alt.root - split)
-            alt.logits, alt.started = self._feed([alt.token]), True
-            for _ in self._extend(alt, caps[alt.root], stop=False):
+            for _ in self._draft_alternative(rnd.base, split, tail, alt, caps[alt.root], stop=False):
                 pass
-            alt.kv = take_suffix(self.state, rnd.base + alt.root)
-            self.draft.rollback(self.state, rnd.base + split)
         graft(self.state, tail)
         rnd.tree = alts
 
     # -- the verdict ---------------------------------------------------------------------------
 
     def _path(self, rnd: _Round, reply: VerifyResponse, parents: list[int] | None) -> tuple[Branch | None, list[int]]:
-        """The accepted path's node indices, and the tree alternative it went through (None: along the block)."""
+        """For a token tree, the accepted path's node indices and the alternative it went through (None: along the
+        block); for a chain, (None, [])."""
         n = reply.num_accepted
         if parents is None:
-            return None, list(range(min(n, len(rnd.block))))
+            return None, []
         if n and not 0 <= reply.leaf < len(parents):
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {reply.leaf} for a tree of {len(parents)}")
         path = path_to(parents, reply.leaf if n else -1)
