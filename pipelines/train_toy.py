@@ -17,7 +17,9 @@ with a question-kind mix weighted towards the harder kinds (position, describe).
 answer tokens and EOS only. Every ``--eval-every`` steps the script reports teacher-forced token
 accuracy and greedy exact match per kind on a validation subset and saves the checkpoint, so an
 interrupted run still leaves a usable model. The fixed seed makes runs repeatable up to CPU
-floating-point nondeterminism.
+floating-point nondeterminism. ``--precision bf16`` runs the projections and MLPs under CPU bfloat16 autocast
+(attention in float32): ~1.4x faster steps on CPUs with AMX; the shipped pair was trained in float32
+(docs/toy-models.md has the trial).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers import AttentionInterface, GenerationConfig, LlavaForConditionalGeneration
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from covspec.cli import pipeline_main
 from covspec.data.metrics import exact_match
@@ -53,6 +56,17 @@ from covspec.data.shapes import (
     questions,
 )
 from covspec.models.toy import IMAGE, build_processor, toy_config
+
+
+def fp32_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA in float32 inside a bf16 autocast region (``--precision bf16``): only the projections and MLPs run in
+    bfloat16. SDPA's CPU kernel is slower in bfloat16 than in float32 (the step is as fast as with eager bfloat16
+    attention), and the attention scores keep full precision."""
+    with torch.autocast("cpu", enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+AttentionInterface.register("covspec_fp32_sdpa", fp32_attention)
 
 PATCH_CLASSES = [(c, k) for c in COLORS for k in SHAPES]
 TRAIN_KIND_WEIGHTS = {"color": 0.2, "shape": 0.2, "count": 0.1, "position": 0.2, "describe": 0.3}
@@ -365,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         help="questions per image, packed in one row (0: one question per row, kind mix applies)",
     )
     ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: projections and MLPs under CPU bfloat16 autocast, attention in float32 (weights, optimizer "
+        "state and evaluation stay float32); ~1.4x faster steps on CPUs with AMX",
+    )
+    ap.add_argument(
         "--lm-layers",
         type=int,
         default=None,
@@ -406,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         do_sample=False,
     )
     model.train()
+    if args.precision == "bf16":
+        model.set_attn_implementation("covspec_fp32_sdpa")
     lr = args.lr or (1.5e-3 if args.role == "target" else 3e-3)
     probe = PatchProbe(model) if args.patch_loss > 0 else None
     guide = None
@@ -442,9 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         "attn_loss": args.attn_loss,
         "attn_layer": guide.layer if guide is not None else None,
         "pack": args.pack,
+        "precision": args.precision,
         "expanded_layers": expanded or previous.get("expanded_layers", []),
     }
-    segment = {k: meta[k] for k in ("steps", "batch_size", "lr", "data_offset", "pack", "patch_loss", "attn_loss")}
+    segment = {k: meta[k] for k in ("steps", "batch_size", "lr", "data_offset", "pack", "patch_loss", "attn_loss",
+                                    "precision")}  # fmt: skip
     segment["kind_weights"] = None if args.pack else mix  # packed rows hold every question of their scene
     segment["expanded_to"] = args.lm_layers if expanded else None
     earlier = previous.get("segments")
@@ -464,10 +489,11 @@ def main(argv: list[str] | None = None) -> int:
             batch = collate(processor, batch_samples)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(**batch).loss
-        if probe is not None:
-            loss = loss + args.patch_loss * probe.loss(patch_labels(batch_samples))
-        guide_loss = guide.loss(batch, batch_samples) if guide is not None else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(**batch).loss
+            if probe is not None:
+                loss = loss + args.patch_loss * probe.loss(patch_labels(batch_samples))
+            guide_loss = guide.loss(batch, batch_samples) if guide is not None else None
         if guide_loss is not None:
             loss = loss + args.attn_loss * guide_loss
         loss.backward()

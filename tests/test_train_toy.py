@@ -3,6 +3,7 @@ auxiliary losses (per-patch probe, attention guide) that ``pipelines/train_toy.p
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -195,6 +196,40 @@ def test_expanded_model_computes_what_the_original_did_and_reloads(tmp_path):
         expand_layers(model, 4)
     with pytest.raises(ValueError, match="at most doubles the 5 layers of the model"):
         expand_layers(model, 11)
+
+
+def test_bf16_training_step_matches_fp32_and_saves_a_float32_checkpoint(tmp_path):
+    """``--precision bf16`` (CPU autocast, eager attention) computes the loss and gradients of the fp32 step up to
+    bfloat16 rounding, on packed rows too, and a bf16 run saves float32 weights whose config does not pin eager
+    attention, loadable with plain transformers."""
+    model = _tiny_llava(seed=4)
+    processor = toy.build_processor()
+    rng = random.Random(5)
+    packs = [(make_sample("train", i).scene, None) for i in (1, 2)]
+    packed = collate_packed(processor, [(scene, scene_qas(scene, rng, limit=4)) for scene, _ in packs])
+    single = collate(processor, [make_sample("train", i) for i in range(4)])
+    for batch in (single, packed):
+        grads = {}
+        for precision in ("fp32", "bf16"):
+            model.zero_grad()
+            model.set_attn_implementation("eager" if precision == "bf16" else "sdpa")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batch).loss
+            loss.backward()
+            flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            grads[precision] = (loss.detach(), flat)
+        (loss32, g32), (loss16, g16) = grads["fp32"], grads["bf16"]
+        assert abs(float(loss16 - loss32)) < 0.02 * float(loss32)
+        assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.99
+    out = tmp_path / "draft"
+    assert main(["--role", "draft", "--steps", "2", "--eval-every", "2", "--eval-samples", "2", "--warmup", "1",
+                 "--precision", "bf16", "--out", str(out)]) == 0  # fmt: skip
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["precision"] == "bf16" and meta["segments"][-1]["precision"] == "bf16"
+    assert "eager" not in (out / "config.json").read_text()
+    reloaded = LlavaForConditionalGeneration.from_pretrained(out)
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    assert reloaded.config.text_config._attn_implementation != "eager"
 
 
 @pytest.mark.parametrize(
