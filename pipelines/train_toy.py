@@ -6,10 +6,11 @@ The shipped pair was made like this (each checkpoint's ``training.json`` lists i
     python pipelines/train_toy.py --role target --lm-layers 6 --steps 2500 --out T6   # + continuations (--init)
     python pipelines/train_toy.py --role target --init T6 --lm-layers 8 --pack 16 --batch-size 16 --steps 360 \
         --warmup 30 --lr 5e-4 --eval-every 120 --data-offset 9000000 --out covspec/assets/toy-target
-    # draft: 1 layer, packed from scratch, then continued without the patch probe
-    python pipelines/train_toy.py --role draft --pack 16 --batch-size 16 --steps 2400 --eval-every 600 --out D1
-    python pipelines/train_toy.py --role draft --init D1 --pack 16 --batch-size 16 --steps 2000 --warmup 50 \
-        --lr 1.5e-3 --eval-every 1000 --data-offset 5000000 --patch-loss 0 --out covspec/assets/toy-draft
+    # draft: the target's vision tower (frozen), a new projector and a 1-layer language model, packed; the
+    # 2,000-step schedule is stopped at 1,000 steps (the 2,000-step model matched the target on validation)
+    python pipelines/train_toy.py --role draft --vision-from covspec/assets/toy-target --freeze-vision \
+        --patch-loss 0 --pack 16 --batch-size 16 --steps 2000 --stop-at 1000 --eval-every 500 \
+        --out covspec/assets/toy-draft
 
 Both roles are ``LlavaForConditionalGeneration`` built from ``covspec.models.toy.toy_config``.
 Training samples are drawn fresh from the train split (the generator is deterministic by index),
@@ -379,6 +380,19 @@ def main(argv: list[str] | None = None) -> int:
         help="questions per image, packed in one row (0: one question per row, kind mix applies)",
     )
     ap.add_argument(
+        "--vision-from",
+        type=Path,
+        default=None,
+        help="start the vision tower from this checkpoint's (same vision config), e.g. the draft from the target's",
+    )
+    ap.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop (evaluate and save) after this many steps of the --steps schedule",
+    )
+    ap.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -395,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pack < 0:
         ap.error(f"--pack must be >= 0, got {args.pack}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        ap.error(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
     if args.pack and args.attn_loss > 0:
         ap.error("--attn-loss needs one question per row; it cannot be combined with --pack")
 
@@ -419,6 +435,16 @@ def main(argv: list[str] | None = None) -> int:
             config.text_config.num_hidden_layers = args.lm_layers
         model = LlavaForConditionalGeneration(config)
         previous = {}
+    if args.vision_from is not None:
+        if not (args.vision_from / "config.json").is_file():
+            ap.error(f"--vision-from {args.vision_from}: no checkpoint there (config.json is missing)")
+        source = LlavaForConditionalGeneration.from_pretrained(args.vision_from).model.vision_tower
+        try:
+            model.model.vision_tower.load_state_dict(source.state_dict())
+        except RuntimeError:
+            ap.error(f"--vision-from {args.vision_from}: its vision tower does not have this model's shape")
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     model.generation_config = GenerationConfig(
         bos_token_id=processor.tokenizer.bos_token_id,
         eos_token_id=processor.tokenizer.eos_token_id,
@@ -435,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attn_loss > 0:
         layers = model.config.text_config.num_hidden_layers
         guide = AttentionGuide(model, args.attn_layer if args.attn_layer is not None else max(1, layers // 3))
-    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -466,10 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         "attn_layer": guide.layer if guide is not None else None,
         "pack": args.pack,
         "precision": args.precision,
+        "vision_from": str(args.vision_from) if args.vision_from else previous.get("vision_from"),
+        "freeze_vision": args.freeze_vision,
         "expanded_layers": expanded or previous.get("expanded_layers", []),
     }
     segment = {k: meta[k] for k in ("steps", "batch_size", "lr", "data_offset", "pack", "patch_loss", "attn_loss",
-                                    "precision")}  # fmt: skip
+                                    "precision", "freeze_vision")}  # fmt: skip
     segment["kind_weights"] = None if args.pack else mix  # packed rows hold every question of their scene
     segment["expanded_to"] = args.lm_layers if expanded else None
     earlier = previous.get("segments")
@@ -504,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             guided = f" guide {guide_loss.item():.3f}" if guide_loss is not None else ""
             print(f"[{args.role}] step {step} loss {loss.item():.4f}{guided} lr {lr_at(step):.2e} "
                   f"elapsed {time.time() - started:.0f}s", flush=True)  # fmt: skip
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        last = step + 1 == (args.stop_at or args.steps)
+        if (step + 1) % args.eval_every == 0 or last:
             report = evaluate(model, processor, val)
             meta.update(
                 trained_steps=previous.get("trained_steps", 0) + step + 1,
@@ -516,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             save(model, processor, args.out, meta)
             summary = " ".join(f"{k}={v['exact_match']:.2f}/{v['token_acc']:.3f}" for k, v in report.items())
             print(f"[{args.role}] eval step {step + 1}: {summary}", flush=True)
+        if last:
+            break
     return 0
 
 

@@ -198,6 +198,26 @@ def test_expanded_model_computes_what_the_original_did_and_reloads(tmp_path):
         expand_layers(model, 11)
 
 
+def test_vision_from_copies_the_tower_and_refuses_another_shape(tmp_path, capsys):
+    """``--vision-from`` starts the draft's vision tower from a checkpoint's (frozen with ``--freeze-vision``: after
+    training steps it is still that checkpoint's), and a tower of another shape is refused naming the checkpoint."""
+    out = tmp_path / "draft"
+    args = ["--role", "draft", "--vision-from", str(BUILTIN["toy-target"]), "--freeze-vision", "--patch-loss", "0",
+            "--steps", "2", "--eval-every", "2", "--eval-samples", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    trained = LlavaForConditionalGeneration.from_pretrained(out).model.vision_tower.state_dict()
+    source = LlavaForConditionalGeneration.from_pretrained(BUILTIN["toy-target"]).model.vision_tower.state_dict()
+    assert trained.keys() == source.keys() and all(torch.equal(trained[k], source[k]) for k in source)
+    assert json.loads((out / "training.json").read_text())["segments"][-1]["freeze_vision"] is True
+    other = tmp_path / "other"
+    _tiny_llava(seed=6).save_pretrained(other)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--role", "draft", "--vision-from", str(other), "--steps", "1", "--out", str(tmp_path / "no")])
+    assert exit_info.value.code == 2
+    assert f"--vision-from {other}: its vision tower does not have this model's shape" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 def test_bf16_training_step_matches_fp32_and_saves_a_float32_checkpoint(tmp_path):
     """``--precision bf16`` (CPU autocast, eager attention) computes the loss and gradients of the fp32 step up to
     bfloat16 rounding, on packed rows too, and a bf16 run saves float32 weights whose config does not pin eager
@@ -236,7 +256,9 @@ def test_bf16_training_step_matches_fp32_and_saves_a_float32_checkpoint(tmp_path
     ("extra", "message"),
     [(["--init", str(BUILTIN["toy-target"]), "--lm-layers", "4"], "fewer than the 8 layers"),
      (["--init", "no/such/dir"], "no checkpoint there"),
-     (["--pack", "-1"], "--pack must be >= 0")],
+     (["--pack", "-1"], "--pack must be >= 0"),
+     (["--steps", "5", "--stop-at", "6"], "--stop-at must be in 1..--steps (5), got 6"),
+     (["--vision-from", "no/such/dir"], "--vision-from no/such/dir: no checkpoint there")],
 )  # fmt: skip
 def test_bad_training_arguments_exit_2_naming_the_problem(extra, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 # Sizes chosen so that the target is clearly stronger and >= 4x costlier per decode step.
 TOY_SIZES: dict[str, dict[str, int]] = {
     "target": {"v_hidden": 128, "v_layers": 2, "v_heads": 4, "hidden": 192, "layers": 8, "heads": 4, "inter": 512},
-    "draft": {"v_hidden": 64, "v_layers": 1, "v_heads": 2, "hidden": 128, "layers": 1, "heads": 4, "inter": 512},
+    "draft": {"v_hidden": 128, "v_layers": 2, "v_heads": 4, "hidden": 128, "layers": 1, "heads": 4, "inter": 512},
 }
 
 
