@@ -34,7 +34,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
 
-# Sizes chosen so that the target is clearly stronger and >= 4x costlier per decode step.
+# Sizes chosen so that the target is clearly stronger and >= 4x costlier per decode step. The draft's vision tower has
+# the target's shape: the shipped draft starts from (and keeps) the target's trained tower (docs/toy-models.md); it runs
+# once per request, at prefill, so it does not change the decode step's cost.
 TOY_SIZES: dict[str, dict[str, int]] = {
     "target": {"v_hidden": 128, "v_layers": 2, "v_heads": 4, "hidden": 192, "layers": 8, "heads": 4, "inter": 512},
     "draft": {"v_hidden": 128, "v_layers": 2, "v_heads": 4, "hidden": 128, "layers": 1, "heads": 4, "inter": 512},
