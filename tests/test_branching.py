@@ -345,6 +345,37 @@ def test_tree_with_branching_during_the_wait_and_an_always_right_draft():
     assert r.branch_hits == r.rounds - 1
 
 
+def _first_block(unsure: int, wrong: int, unsure_conf: float, wrong_conf: float):
+    """A draft that is sure and right except, in the first block, at ``unsure`` (right, but unsure; its second
+    choice is wrong) and at ``wrong`` (wrong; its second choice is the target's)."""
+
+    def rule(h):
+        top, i = target_rule(h), len(h) - len(PROMPT)
+        if i == unsure:
+            return top, (top + 1) % 7, unsure_conf
+        if i == wrong:
+            return (top + 1) % 7, top, wrong_conf
+        return top, (top + 2) % 7, 0.95
+
+    return rule
+
+
+def test_a_tree_round_drafts_the_bets_it_did_not_send_during_the_wait():
+    # The tree's one alternative goes to the unsure position 1 (bet score 0.95 * 0.3, the highest), where the block
+    # is right; the wait's alternative to position 3 (0.95 * 0.4 * 0.95 * 0.25), where the target takes the second
+    # choice: the round accepts 3 along the block, and the branch drafted during the wait opens the next block.
+    r, edge = run_scripted(_first_block(1, 3, 0.4, 0.5), polls=100, gamma=6, tree=1, branch_budget=2)
+    main_only, _ = run_scripted(_first_block(1, 3, 0.4, 0.5), polls=100, gamma=6, tree=1, branch_budget=1)
+    assert edge.trees[0] and len(edge.blocks[0]) > 6  # a tree was sent
+    assert r.round_log[0].num_accepted == 3 and r.tree_hits == 0
+    assert r.branch_hits == main_only.branch_hits + 1 and r.tokens_reused > main_only.tokens_reused
+    # Now the tree's alternative is the right one (position 3: 0.95 * 0.7 * 0.95 * 0.32 against 0.95 * 0.15) and
+    # the wait's is at position 1, before it: the wait cut the cache there, and the accepted path through the tree
+    # must be rebuilt from the block's saved entries (run_scripted checks every token against the target's).
+    r, edge = run_scripted(_first_block(1, 3, 0.7, 0.36), polls=100, gamma=6, tree=1, branch_budget=2)
+    assert r.round_log[0].num_accepted > 4 and r.tree_hits >= 1
+
+
 def test_eos_inside_a_tree_alternative():
     def wrong_before_the_end(h):  # wrong (second choice right) two tokens before the target's EOS, else right
         top = target_rule(h)

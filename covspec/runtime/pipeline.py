@@ -257,8 +257,10 @@ class PipelinedLoop:
                     yield
             if main.started and main.token not in self.eos:
                 yield from self._extend(main, min(depth, room(k)))
-        count = 0 if rnd.tree else self.s.branch_budget - 1  # a tree's alternatives were verified already
-        rnd.alts = plan_alternatives(rnd.block, count, self.eos, max_root=max_new - committed_len - 1)
+        # A tree's alternatives are verified in this round already: the wait's bets are the next ones.
+        count, sent = self.s.branch_budget - 1, {(a.root, a.token) for a in rnd.tree}
+        planned = plan_alternatives(rnd.block, count + len(sent), self.eos, max_root=max_new - committed_len - 1)
+        rnd.alts = [a for a in planned if (a.root, a.token) not in sent][: max(count, 0)]
         if not rnd.alts:
             return
         rnd.split = min(a.root for a in rnd.alts)
@@ -338,7 +340,11 @@ class PipelinedLoop:
         if alt is not None:  # the accepted path left the block at alt.root: its cache suffix holds the rest
             if self.branching:
                 self.misses += 1
-            self.draft.rollback(self.state, base + alt.root)
+            if rnd.split is not None and alt.root > rnd.split:  # the wait's alternatives cut the block at split
+                self.draft.rollback(self.state, base + rnd.split)
+                graft(self.state, rnd.main_tail, alt.root - rnd.split)
+            else:
+                self.draft.rollback(self.state, base + alt.root)
             graft(self.state, alt.kv, n - alt.root)
             self.logits = self._feed([token])
             return []
