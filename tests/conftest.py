@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml). Tests that share
+    a costly session resource stay on one worker: every ``ray`` test (one local Ray for the session) and the
+    sampling module (its pool of worker processes)."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.module is not None and item.module.__name__.rpartition(".")[2] == "test_runtime_sampling":
+            item.add_marker(pytest.mark.xdist_group("sampling"))
+
+
 @pytest.fixture
 def write_yaml(tmp_path: Path) -> Callable[[str, str], Path]:
     """Factory: ``write_yaml(text, name="config.yaml")`` writes a file under tmp_path and returns its path."""

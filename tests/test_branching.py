@@ -52,6 +52,16 @@ def test_alternatives_rank_unsure_reachable_positions_and_skip_eos():
     assert [b.root for b in plan_alternatives(block, 3, EOS, max_root=1)] == [0]
 
 
+def test_third_choices_are_bets_ranked_with_the_second_choices():
+    torn = DraftToken(3, torch.zeros(V), 0.35, 4, 0.33, 6, 0.3)  # torn three ways
+    block = [tok(1, 0.9, 2, 0.05), torn, DraftToken(5, torch.zeros(V), 0.9, 2, 0.06, EOS, 0.03)]
+    alts = plan_alternatives(block, 5, EOS)
+    # (1, 4) 0.9*0.33, (1, 6) 0.9*0.3, then (0, 2) 0.05 and (2, 2) 0.9*0.35*0.06; a third choice of EOS is skipped
+    assert [(b.root, b.token) for b in alts] == [(1, 4), (1, 6), (0, 2), (2, 2)]
+    assert math.isclose(alts[1].score, 0.9 * 0.3)
+    assert [(b.root, b.token) for b in plan_alternatives(block, 2, EOS)] == [(1, 4), (1, 6)]
+
+
 def test_match_needs_the_same_bet_and_a_started_branch():
     main = Branch(root=4, token=5, started=True)
     alt = Branch(root=1, token=6, started=True)
@@ -83,7 +93,7 @@ def test_kv_suffix_round_trip_copies_only_the_suffix():
 
 # -- the pipelined loop against a scripted edge ------------------------------------------------------
 
-Rule = Callable[[list[int]], tuple[int, int, float]]  # history -> (top, second, confidence)
+Rule = Callable[[list[int]], tuple]  # history -> (top, second, confidence) or (top, second, confidence, third)
 
 
 class FakeDraft:
@@ -123,9 +133,12 @@ class FakeDraft:
         assert len(hist) == state.cache_len
         rows = []
         for i in range(k):
-            top, second, conf = self.rule(hist[: len(hist) - k + i + 1])
+            top, second, conf, *third = self.rule(hist[: len(hist) - k + i + 1])
             p = torch.full((V,), (1 - conf - (1 - conf) / 2) / (V - 2))
             p[top], p[second] = conf, (1 - conf) / 2
+            if third:  # a rule may name a third choice: most of the rest goes to it
+                p[:] = 0.05 * (1 - conf) / (V - 3)
+                p[top], p[second], p[third[0]] = conf, 0.5 * (1 - conf), 0.45 * (1 - conf)
             rows.append(p.log())
         return torch.stack(rows)
 
@@ -257,10 +270,10 @@ def test_partial_acceptance_hits_the_alternative_at_the_rejection():
 
 
 def test_miss_when_neither_branch_bets_right_then_rebuilds_the_cache():
-    def both_wrong(h):
+    def both_wrong(h):  # so is the third choice
         top = target_rule(h)
         if (len(h) - len(PROMPT)) % 3 == 2:
-            return (top + 1) % 7, (top + 2) % 7, 0.5
+            return (top + 1) % 7, (top + 2) % 7, 0.5, (top + 4) % 7
         return top, (top + 3) % 7, 0.95
 
     r, _ = run_scripted(both_wrong, polls=100, gamma=4, branch_budget=4)
@@ -374,6 +387,24 @@ def test_a_tree_round_drafts_the_bets_it_did_not_send_during_the_wait():
     # must be rebuilt from the block's saved entries (run_scripted checks every token against the target's).
     r, edge = run_scripted(_first_block(1, 3, 0.7, 0.36), polls=100, gamma=6, tree=1, branch_budget=2)
     assert r.round_log[0].num_accepted > 4 and r.tree_hits >= 1
+
+
+def test_a_bet_on_the_third_choice_hits_in_the_wait_and_in_a_tree():
+    def torn_at_2(h):  # at position 2 the draft's first two choices are wrong, its third is the target's
+        top, i = target_rule(h), len(h) - len(PROMPT)
+        if i == 2:
+            return (top + 1) % 7, (top + 2) % 7, 0.4, top
+        return top, (top + 3) % 7, 0.95
+
+    # the wait's bets at position 2: its second choice (0.95^2 * 0.3), then its third (0.95^2 * 0.27)
+    r, _ = run_scripted(torn_at_2, polls=100, gamma=5, branch_budget=3)
+    second_only, _ = run_scripted(torn_at_2, polls=100, gamma=5, branch_budget=2)
+    assert r.round_log[0].num_accepted == 2
+    assert r.branch_hits == second_only.branch_hits + 1
+    # a tree of two alternatives sends both bets: the target follows the third choice in the same round
+    r, edge = run_scripted(torn_at_2, polls=0, gamma=5, tree=2)
+    assert r.round_log[0].num_accepted > 3 and r.tree_hits >= 1
+    assert sum(p == 1 for p in edge.trees[0]) == 3  # after x_1: the block's x_2 and both bets
 
 
 def test_eos_inside_a_tree_alternative():

@@ -18,7 +18,9 @@ during the wait is dropped.
 Which alternatives. Up to ``budget - 1`` of them (the main branch takes one unit of the budget), at the block's
 least confident positions, ranked by the draft's own estimate of the chance that the bet wins: the probability it
 gives to reaching position j (the product of its confidences before j) times the probability of its second
-choice at j. Branches whose bet is EOS are never drafted (if c is EOS the answer ends anyway).
+choice at j. Third choices are bets too, ranked the same way: where the draft is torn three ways they outrank the
+second choices of surer positions, and a device with time to spare drafts them after those. Branches whose bet is
+EOS are never drafted (if c is EOS the answer ends anyway).
 
 Exactness. A hit only decides *which* already drafted tokens are proposed next; each of them was drawn from q
 given exactly the committed prefix, with device randomness the edge never sees, and is verified as usual. Under
@@ -43,6 +45,8 @@ class DraftToken:
     conf: float  # the draft's top probability at this position (see covspec.decoding.drafting)
     second: int  # the most probable token other than ``id``
     second_p: float  # its probability
+    third: int = -1  # the most probable token other than ``id`` and ``second`` (-1: not known)
+    third_p: float = 0.0  # its probability
 
 
 @dataclass
@@ -80,7 +84,7 @@ def plan_alternatives(
         max_root: only positions j < max_root (a branch at j is useless once j + 1 tokens end the answer).
 
     Returns:
-        Branches with ``root`` j, ``token`` the second choice at j and ``score`` P(reach j)·q_j(second).
+        Branches with ``root`` j, ``token`` the second (or third) choice z at j and ``score`` P(reach j)·q_j(z).
     """
     if count <= 0:
         return []
@@ -88,9 +92,10 @@ def plan_alternatives(
     reach = reach_probabilities(block)
     limit = len(block) if max_root is None else min(len(block), max_root)
     ranked = [
-        Branch(root=j, token=tok.second, score=reach[j] * tok.second_p)
+        Branch(root=j, token=token, score=reach[j] * p)
         for j, tok in enumerate(block[:limit])
-        if tok.second not in eos
+        for token, p in ((tok.second, tok.second_p), (tok.third, tok.third_p))
+        if token >= 0 and token not in eos
     ]
     ranked.sort(key=lambda b: (-b.score, b.root))  # stable, ties to the earlier position
     return ranked[:count]

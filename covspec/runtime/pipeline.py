@@ -171,13 +171,12 @@ class PipelinedLoop:
         s = self.s
         q = probs_from_logits(logits.float(), s.temperature, s.top_p)  # [V]
         dist = q if s.temperature > 0 else torch.softmax(logits.float(), -1)  # confidence: see drafting.py
-        top_p, top_i = torch.topk(dist, 2)
+        top_p, top_i = torch.topk(dist, 3)
         x = top_i[:1] if s.temperature == 0 else sample(q, self.gen)[None]
-        first, second, x_id = torch.cat([top_i, x]).tolist()  # one host sync for the ids
-        p1, p2 = top_p.tolist()
-        if x_id == first:
-            return DraftToken(x_id, q, p1, second, p2)
-        return DraftToken(x_id, q, p1, first, p1)
+        *top, x_id = torch.cat([top_i, x]).tolist()  # one host sync for the ids
+        probs = top_p.tolist()
+        (second, p2), (third, p3) = [(i, p) for i, p in zip(top, probs, strict=True) if i != x_id][:2]  # best first
+        return DraftToken(x_id, q, probs[0], second, p2, third, p3)
 
     def _ends(self, drafts: list[DraftToken], gamma: int, stop: bool = True) -> bool:
         """Whether a block (or a branch drafting the next block) ends after its last token; ``stop``: the
