@@ -335,12 +335,14 @@ class BranchingConfig(_Section):
     """Parallel branching: drafting continues while a block is being verified."""
 
     budget: int = 2
-    """Branches drafted while a block is verified: the main one plus budget - 1 alternatives at the least
-    confident positions (0: branching off, >= 0). covspec only; see docs/drafting.md."""
+    """Branches drafted while a block is verified: the main one plus budget - 1 alternatives (the draft's second or
+    third choice at its least confident positions; 0: branching off, >= 0). 2 suits devices that share cores with
+    the edge (covspec run); a device with its own core can spend the whole wait (16). covspec only; see
+    docs/drafting.md."""
 
     tree: int = 2
     """Alternative branches sent with each block and verified in the same round (token-tree verification): at the
-    block's least confident positions, the draft's second choice and a continuation after it. 0: the block is a
+    block's least confident positions, the draft's second (or third) choice and a continuation after it. 0: the block is a
     chain. Greedy covspec only (under sampling blocks stay chains); see docs/drafting.md."""
 
     def _check(self, prefix: str) -> None:
