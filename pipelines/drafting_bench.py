@@ -46,19 +46,13 @@ from covspec.pruning import build_pruner
 from covspec.runtime.device import Device
 from covspec.runtime.edge_process import EdgeProcess
 from covspec.runtime.engine import LocalEngine, colocated_profile, device_settings, link_profile
-from covspec.runtime.transport import InProcessTransport
+from covspec.runtime.transport import InProcessTransport, responsive_links
 
 RTTS_MS = (5.0, 20.0, 50.0, 100.0)
 EDGES = ("process", "thread")
 VARIANTS = ("fixed", "adaptive", "adaptive+branching", "adaptive+branching+tree")
 DEFAULT_BUDGET = 4
 DEFAULT_TREE = 2
-SWITCH_INTERVAL_S = 5e-4
-"""Python's thread switch interval while the bench runs (the interpreter's default is 5 ms). The emulated links
-deliver frames on threads of this process: while the device drafts branches during a wait, a delivery thread that
-wakes up waits for the GIL up to the switch interval, a delay no real network adds, and one that hit every busy
-device (measured at 50 ms: adaptive + branching 1.22x fixed with the default, 1.37x with 0.5 ms). 0.5 ms keeps it
-below one draft step."""
 
 
 def variant_config(cfg: Config, variant: str) -> Config:
@@ -108,24 +102,23 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str
             transport = remote.transport(link) if remote else InProcessTransport(edge_handle, link)
             devices[rtt, variant] = Device(draft, transport, settings, pruner)
     rows: list[dict[str, Any]] = []
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        for i, sample in enumerate(samples):
-            image, question = sample.image(), check_question(sample.question, draft.tokenizer)
-            reference = reference_device.run(image, question).token_ids
-            order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
-            for rtt in rtts:
-                for variant in order:
-                    r = devices[rtt, variant].run(image, question)
-                    row = {"sample_id": sample.sample_id, "rtt_ms": rtt, "variant": variant, "token_ids": r.token_ids}
-                    row.update(r.metrics())
-                    row["matches_target_only"] = r.token_ids == reference
-                    rows.append(row)
-            if progress:
-                progress(i + 1, len(samples))
+        with responsive_links():  # the links' delivery threads get the GIL within 0.5 ms
+            for i, sample in enumerate(samples):
+                image, question = sample.image(), check_question(sample.question, draft.tokenizer)
+                reference = reference_device.run(image, question).token_ids
+                order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+                for rtt in rtts:
+                    for variant in order:
+                        r = devices[rtt, variant].run(image, question)
+                        row = {"sample_id": sample.sample_id, "rtt_ms": rtt, "variant": variant,
+                               "token_ids": r.token_ids}  # fmt: skip
+                        row.update(r.metrics())
+                        row["matches_target_only"] = r.token_ids == reference
+                        rows.append(row)
+                if progress:
+                    progress(i + 1, len(samples))
     finally:
-        sys.setswitchinterval(switch_interval)
         for device in [*devices.values(), reference_device]:
             device.transport.close()
         if remote is not None:

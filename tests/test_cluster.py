@@ -114,7 +114,9 @@ def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, to
     import ray
 
     from covspec.cluster.experiment import run_method
+    from covspec.runtime.transport import LINK_SWITCH_INTERVAL_S
 
+    assert all(info["switch_interval_s"] == LINK_SWITCH_INTERVAL_S for info in cluster.info)  # responsive links
     samples = _short_then_long()
     rows: list[dict] = []
 

@@ -193,6 +193,7 @@ def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, caps
     import json
     import sys
 
+    from covspec.runtime.transport import LINK_SWITCH_INTERVAL_S
     from pipelines import drafting_bench
 
     intervals, before, real = [], sys.getswitchinterval(), sys.setswitchinterval
@@ -200,7 +201,7 @@ def test_drafting_bench_runs_every_variant_and_writes_its_outputs(tmp_path, caps
     argv = ["data.limit=1", "tracking.enabled=false", "threads=1", "--rtts", "5", "--out", str(tmp_path)]
     assert drafting_bench.main(argv) == 0
     # the links' delivery threads get the GIL within 0.5 ms while the bench runs; the interpreter's value after
-    assert intervals == [drafting_bench.SWITCH_INTERVAL_S, before] and sys.getswitchinterval() == before
+    assert intervals == [LINK_SWITCH_INTERVAL_S, before] and sys.getswitchinterval() == before
     doc = json.loads((tmp_path / "drafting_bench.json").read_text())
     assert doc["edge"] == "process"  # the default: the edge verifies in a process of its own
     assert {row["variant"] for row in doc["summary"]} == set(drafting_bench.VARIANTS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 
 from covspec.config import Config, LinkConfig
+from covspec.runtime.transport import LINK_SWITCH_INTERVAL_S
 
 PROJECTED_VOCAB = 151_936  # Qwen2.5-VL: decoding bytes are also projected at a real vocabulary
 
@@ -57,6 +59,9 @@ class DeviceWorker:
         self.cfg = load_config_text(cfg_yaml)
         self.index = index
         torch.set_num_threads(self.cfg.cluster.device_threads)
+        # The actor's process is the device's own: replies from the edge arrive on threads that must not wait up to
+        # the default 5 ms for the lock while the device drafts (covspec.runtime.transport.LINK_SWITCH_INTERVAL_S).
+        sys.setswitchinterval(LINK_SWITCH_INTERVAL_S)
         if self.cfg.cluster.device_nice:
             os.nice(self.cfg.cluster.device_nice)
         m = self.cfg.models.draft
@@ -70,7 +75,8 @@ class DeviceWorker:
 
     def ping(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "peer": self.peer, "rtt_ms": self.link_cfg.rtt_ms,
-                "compute_slowdown": self.link_cfg.compute_slowdown}  # fmt: skip
+                "compute_slowdown": self.link_cfg.compute_slowdown,
+                "switch_interval_s": sys.getswitchinterval()}  # fmt: skip
 
     def _device(self, method: str):
         from covspec.pruning import build_pruner
