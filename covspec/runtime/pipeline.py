@@ -259,7 +259,7 @@ class PipelinedLoop:
         # A tree's alternatives are verified in this round already: the wait's bets are the next ones.
         count, sent = self.s.branch_budget - 1, {(a.root, a.token) for a in rnd.tree}
         planned = plan_alternatives(rnd.block, count + len(sent), self.eos, max_root=max_new - committed_len - 1)
-        rnd.alts = [a for a in planned if (a.root, a.token) not in sent][: max(count, 0)]
+        rnd.alts = [a for a in planned if (a.root, a.token) not in sent][:count]  # branching on: budget >= 1
         if not rnd.alts:
             return
         rnd.split = min(a.root for a in rnd.alts)
