@@ -341,6 +341,17 @@ def evaluate(model, processor, samples: list[Sample], max_new_tokens: int = 40) 
     }
 
 
+def vision_stage(source: Path) -> dict | None:
+    """The record of a checkpoint trained to provide a vision tower (``--count-vision-time``): one segment holding its
+    training time and its own segments; None when it has no ``training.json``."""
+    meta_file = source / "training.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return {"vision_tower_from": str(source), "role": meta.get("role"), "steps": meta.get("trained_steps"),
+            "seconds": meta.get("train_seconds", 0.0), "segments": meta.get("segments", [])}  # fmt: skip
+
+
 def save(model, processor, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -386,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         help="start the vision tower from this checkpoint's (same vision config), e.g. the draft from the target's",
     )
     ap.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    ap.add_argument(
+        "--count-vision-time",
+        action="store_true",
+        help="the --vision-from checkpoint was trained only to provide this tower: its recorded training time "
+        "(and segments) count towards this model's",
+    )
     ap.add_argument(
         "--stop-at",
         type=int,
@@ -445,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--vision-from {args.vision_from}: its vision tower does not have this model's shape")
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
+    tower_stage: dict | None = None
+    if args.count_vision_time:
+        if args.vision_from is None:
+            ap.error("--count-vision-time needs --vision-from")
+        if args.init is not None:
+            ap.error("--count-vision-time starts a model's record: it cannot be combined with --init")
+        tower_stage = vision_stage(args.vision_from)
+        if tower_stage is None:
+            ap.error(f"--count-vision-time: no {args.vision_from / 'training.json'} (no training time to count)")
     model.generation_config = GenerationConfig(
         bos_token_id=processor.tokenizer.bos_token_id,
         eos_token_id=processor.tokenizer.eos_token_id,
@@ -477,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds, weights = zip(*mix.items(), strict=True)
     val = load_split("val", args.eval_samples, seed=args.seed)
     index = args.data_offset
-    started = time.time() - previous.get("train_seconds", 0.0)  # wall time accumulates across continuations
+    # wall time accumulates across continuations (and from the tower's own training with --count-vision-time)
+    started = time.time() - previous.get("train_seconds", tower_stage["seconds"] if tower_stage else 0.0)
     meta = {
         "role": args.role,
         "continued_from": previous.get("trained_steps", 0),
@@ -494,13 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "vision_from": str(args.vision_from) if args.vision_from else previous.get("vision_from"),
         "freeze_vision": args.freeze_vision,
+        "vision_time_counted": args.count_vision_time,
         "expanded_layers": expanded or previous.get("expanded_layers", []),
     }
     segment = {k: meta[k] for k in ("steps", "batch_size", "lr", "data_offset", "pack", "patch_loss", "attn_loss",
                                     "precision", "freeze_vision")}  # fmt: skip
     segment["kind_weights"] = None if args.pack else mix  # packed rows hold every question of their scene
     segment["expanded_to"] = args.lm_layers if expanded else None
-    earlier = previous.get("segments")
+    earlier = previous.get("segments") or ([tower_stage] if tower_stage else None)
     if earlier is None and previous:  # a checkpoint from before segments were recorded: its last segment's record
         earlier = [{"steps": previous.get("trained_steps"), "seconds": previous.get("train_seconds"),
                     "last": {k: previous.get(k) for k in ("steps", "batch_size", "lr", "kind_weights")}}]  # fmt: skip

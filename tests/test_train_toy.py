@@ -218,6 +218,40 @@ def test_vision_from_copies_the_tower_and_refuses_another_shape(tmp_path, capsys
     assert not (tmp_path / "no").exists()
 
 
+def test_count_vision_time_adds_the_tower_checkpoints_training_time_and_segments(tmp_path, capsys):
+    """``--count-vision-time``: the --vision-from checkpoint was trained only for its tower, so its recorded time and
+    segments start this model's record (a recipe's total is then read off the final checkpoints). Without
+    --vision-from, or from a checkpoint with no training record, it is refused naming the problem."""
+    tower = tmp_path / "tower"
+    common = ["--role", "draft", "--steps", "2", "--eval-every", "2", "--eval-samples", "2", "--warmup", "1"]
+    assert main([*common, "--out", str(tower)]) == 0
+    record = json.loads((tower / "training.json").read_text())
+    record["train_seconds"] = 600.0  # a stage of known length, so that the sum is unambiguous
+    (tower / "training.json").write_text(json.dumps(record))
+    out = tmp_path / "model"
+    assert main([*common, "--vision-from", str(tower), "--count-vision-time", "--out", str(out)]) == 0
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["vision_time_counted"] is True
+    assert 600.0 < meta["train_seconds"] < 600.0 + 300.0
+    first, last = meta["segments"]
+    assert first["vision_tower_from"] == str(tower) and first["seconds"] == 600.0 and first["steps"] == 2
+    assert first["segments"] == record["segments"]
+    assert last["steps"] == 2 and last["seconds"] < 300.0
+    plain = tmp_path / "plain"
+    assert main([*common, "--vision-from", str(tower), "--out", str(plain)]) == 0
+    assert json.loads((plain / "training.json").read_text())["train_seconds"] < 300.0  # not counted by default
+    (tower / "training.json").unlink()
+    for extra, message in (
+        ([], "--count-vision-time needs --vision-from"),
+        (["--vision-from", str(tower)], f"no {tower / 'training.json'} (no training time"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *extra, "--count-vision-time", "--out", str(tmp_path / "no")])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "no").exists()
+
+
 def test_bf16_training_step_matches_fp32_and_saves_a_float32_checkpoint(tmp_path):
     """``--precision bf16`` (CPU autocast, eager attention) computes the loss and gradients of the fp32 step up to
     bfloat16 rounding, on packed rows too, and a bf16 run saves float32 weights whose config does not pin eager
