@@ -1,16 +1,20 @@
 """Train the embedded toy VLM pair (draft and target) on the shapes benchmark, on CPU.
 
-The shipped pair was made like this (each checkpoint's ``training.json`` lists its segments):
+The shipped pair was made like this, in bfloat16 steps where it pays (each checkpoint's ``training.json`` lists its
+segments, the tower stage included):
 
-    # target: a 6-layer model (2,800 unpacked steps, several continuations), then deepened to 8 layers
-    python pipelines/train_toy.py --role target --lm-layers 6 --steps 2500 --out T6   # + continuations (--init)
-    python pipelines/train_toy.py --role target --init T6 --lm-layers 8 --pack 16 --batch-size 16 --steps 360 \
-        --warmup 30 --lr 5e-4 --eval-every 120 --data-offset 9000000 --out covspec/assets/toy-target
-    # draft: the target's vision tower (frozen), a new projector and a 1-layer language model, packed; the
-    # 2,000-step schedule is stopped at 1,000 steps (the 2,000-step model matched the target on validation)
-    python pipelines/train_toy.py --role draft --vision-from covspec/assets/toy-target --freeze-vision \
-        --patch-loss 0 --pack 16 --batch-size 16 --steps 2000 --stop-at 1000 --eval-every 500 \
-        --out covspec/assets/toy-draft
+    # 1. a vision tower: a draft-sized model (1-layer language model) trained from scratch with the patch probe;
+    #    only its tower is kept
+    python pipelines/train_toy.py --role draft --pack 16 --batch-size 16 --precision bf16 --steps 1500 \
+        --eval-every 250 --out tower
+    # 2. the target: that tower (trained further) under a new 8-layer language model, packed; --count-vision-time
+    #    adds stage 1's time to the target's record
+    python pipelines/train_toy.py --role target --vision-from tower --count-vision-time --pack 16 --batch-size 16 \
+        --precision bf16 --steps 2000 --eval-every 250 --out covspec/assets/toy-target
+    # 3. the draft: the target's tower (trained further, with the probe) under a new 1-layer language model,
+    #    packed; the 2,000-step schedule is stopped early so that the draft stays the weak model
+    python pipelines/train_toy.py --role draft --vision-from covspec/assets/toy-target --pack 16 --batch-size 16 \
+        --steps 2000 --stop-at STOP --eval-every 500 --threads 1 --out covspec/assets/toy-draft
 
 Both roles are ``LlavaForConditionalGeneration`` built from ``covspec.models.toy.toy_config``.
 Training samples are drawn fresh from the train split (the generator is deterministic by index),
