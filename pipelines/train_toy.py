@@ -23,8 +23,8 @@ answer tokens and EOS only. Every ``--eval-every`` steps the script reports teac
 accuracy and greedy exact match per kind on a validation subset and saves the checkpoint, so an
 interrupted run still leaves a usable model. The fixed seed makes runs repeatable up to CPU
 floating-point nondeterminism. ``--precision bf16`` runs the projections and MLPs under CPU bfloat16 autocast
-(attention in float32): ~1.4x faster steps on CPUs with AMX; the shipped pair was trained in float32
-(docs/toy-models.md has the trial).
+(attention in float32): ~1.4x faster steps on CPUs with AMX; stages 1 and 2 of the shipped recipe use it
+(docs/toy-models.md).
 """
 
 from __future__ import annotations

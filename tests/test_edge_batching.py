@@ -248,15 +248,22 @@ def test_a_session_lost_during_a_correction_is_reopened_and_the_correction_goes_
         return None if calls[-1] else real(*args)
 
     monkeypatch.setattr(device_module, "correct_from_candidates", refuse_first)
-    sample = next(s for s in load_split("test", 12) if s.kind == "describe")
-    handler = _LosesCorrections(Edge(target))
-    transport = InProcessTransport(handler, Link(colocated_profile()))
-    try:
-        settings = DeviceSettings(method="covspec", max_new_tokens=40, gamma=3, temperature=0.8, seed=4)
-        r = Device(draft, transport, settings).run(sample.image(), sample.question)
-    finally:
-        transport.close()
-    assert handler.lost >= 1 and r.session_reopens == handler.lost
+    # Whether a correction follows a verified round depends on the models' draws: the first (sample, seed) whose run
+    # has one is checked (the scan is deterministic).
+    cases = [(s, seed) for s in load_split("test", 12) if s.kind == "describe" for seed in range(4, 12)]
+    for sample, seed in cases:
+        calls.clear()
+        handler = _LosesCorrections(Edge(target))
+        transport = InProcessTransport(handler, Link(colocated_profile()))
+        try:
+            settings = DeviceSettings(method="covspec", max_new_tokens=40, gamma=3, temperature=0.8, seed=seed)
+            r = Device(draft, transport, settings).run(sample.image(), sample.question)
+        finally:
+            transport.close()
+        if handler.lost:
+            break
+    assert handler.lost >= 1, "no run corrected after a verified round"
+    assert r.session_reopens == handler.lost
     assert r.more_candidate_requests >= handler.lost
     assert 0 < len(r.token_ids) <= 40 and r.text
     assert not handler.edge.sessions  # closed at the end
