@@ -12,9 +12,9 @@ segments, the tower stage included):
     python pipelines/train_toy.py --role target --vision-from tower --count-vision-time --pack 16 --batch-size 16 \
         --precision bf16 --steps 2000 --eval-every 250 --out covspec/assets/toy-target
     # 3. the draft: the target's tower (trained further, with the probe) under a new 1-layer language model,
-    #    packed; the 2,000-step schedule is stopped early so that the draft stays the weak model
+    #    packed; the 2,000-step schedule is stopped halfway, as for the draft before it (docs/toy-models.md)
     python pipelines/train_toy.py --role draft --vision-from covspec/assets/toy-target --pack 16 --batch-size 16 \
-        --steps 2000 --stop-at STOP --eval-every 500 --threads 1 --out covspec/assets/toy-draft
+        --steps 2000 --stop-at 1000 --eval-every 500 --threads 1 --out covspec/assets/toy-draft
 
 Both roles are ``LlavaForConditionalGeneration`` built from ``covspec.models.toy.toy_config``.
 Training samples are drawn fresh from the train split (the generator is deterministic by index),
