@@ -221,7 +221,8 @@ def test_vision_from_copies_the_tower_and_refuses_another_shape(tmp_path, capsys
 def test_count_vision_time_adds_the_tower_checkpoints_training_time_and_segments(tmp_path, capsys):
     """``--count-vision-time``: the --vision-from checkpoint was trained only for its tower, so its recorded time and
     segments start this model's record (a recipe's total is then read off the final checkpoints). Without
-    --vision-from, or from a checkpoint with no training record, it is refused naming the problem."""
+    --vision-from, from a checkpoint with no training record, or with --init (a continuation already has a record),
+    it is refused naming the problem."""
     tower = tmp_path / "tower"
     common = ["--role", "draft", "--steps", "2", "--eval-every", "2", "--eval-samples", "2", "--warmup", "1"]
     assert main([*common, "--out", str(tower)]) == 0
@@ -244,6 +245,7 @@ def test_count_vision_time_adds_the_tower_checkpoints_training_time_and_segments
     for extra, message in (
         ([], "--count-vision-time needs --vision-from"),
         (["--vision-from", str(tower)], f"no {tower / 'training.json'} (no training time"),
+        (["--vision-from", str(out), "--init", str(out)], "it cannot be combined with --init"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main([*common, *extra, "--count-vision-time", "--out", str(tmp_path / "no")])
