@@ -147,6 +147,7 @@ def step_costs(engine: LocalEngine, sample, steps: int = 40) -> dict[str, float]
     return {key: statistics.median(v) for key, v in out.items()}
 
 
+@responsive_links()  # the links' delivery threads get the GIL within 0.5 ms while it runs
 def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress=None,
               edge: str = "thread") -> dict[str, Any]:  # fmt: skip
     """Run every method of ``cfg.methods`` on the configured samples; returns the report.
@@ -167,27 +168,26 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
     sink = out_path.open("w", encoding="utf-8") if out_path else None
     reference: dict[str, list[int]] = {}
     try:
-        with responsive_links():  # the links' delivery threads get the GIL within 0.5 ms
-            for i, sample in enumerate(samples):
-                image = sample.image()
-                for method in methods:
-                    r = engine.run(method, image, sample.question, link_seed=cfg.seed * 100_003 + i)
-                    row = result_row(sample, method, r, engine.target.vocab_size, not greedy,
-                                     cfg.verification.num_candidates)  # fmt: skip
-                    if method == "target_only":
-                        reference[sample.sample_id] = r.token_ids
-                    stats[method].add(row)
-                    if sink:
-                        sink.write(json.dumps(row) + "\n")
-                        sink.flush()
-                if run_hf:
-                    row = hf_assisted(engine, sample, cfg.generation.max_new_tokens)
-                    stats[HF_PEER].add(row)
-                    if sink:
-                        sink.write(json.dumps(row) + "\n")
-                        sink.flush()
-                if progress:
-                    progress()
+        for i, sample in enumerate(samples):
+            image = sample.image()
+            for method in methods:
+                r = engine.run(method, image, sample.question, link_seed=cfg.seed * 100_003 + i)
+                row = result_row(sample, method, r, engine.target.vocab_size, not greedy,
+                                 cfg.verification.num_candidates)  # fmt: skip
+                if method == "target_only":
+                    reference[sample.sample_id] = r.token_ids
+                stats[method].add(row)
+                if sink:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+            if run_hf:
+                row = hf_assisted(engine, sample, cfg.generation.max_new_tokens)
+                stats[HF_PEER].add(row)
+                if sink:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+            if progress:
+                progress()
     finally:
         if sink:
             sink.close()

@@ -65,6 +65,7 @@ def variant_config(cfg: Config, variant: str) -> Config:
     return out
 
 
+@responsive_links()  # the links' delivery threads get the GIL within 0.5 ms while it runs
 def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str = "process") -> dict[str, Any]:
     """Every sample through ``target_only`` and every (RTT, variant); returns the per-request rows.
 
@@ -103,21 +104,20 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str
             devices[rtt, variant] = Device(draft, transport, settings, pruner)
     rows: list[dict[str, Any]] = []
     try:
-        with responsive_links():  # the links' delivery threads get the GIL within 0.5 ms
-            for i, sample in enumerate(samples):
-                image, question = sample.image(), check_question(sample.question, draft.tokenizer)
-                reference = reference_device.run(image, question).token_ids
-                order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
-                for rtt in rtts:
-                    for variant in order:
-                        r = devices[rtt, variant].run(image, question)
-                        row = {"sample_id": sample.sample_id, "rtt_ms": rtt, "variant": variant,
-                               "token_ids": r.token_ids}  # fmt: skip
-                        row.update(r.metrics())
-                        row["matches_target_only"] = r.token_ids == reference
-                        rows.append(row)
-                if progress:
-                    progress(i + 1, len(samples))
+        for i, sample in enumerate(samples):
+            image, question = sample.image(), check_question(sample.question, draft.tokenizer)
+            reference = reference_device.run(image, question).token_ids
+            order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+            for rtt in rtts:
+                for variant in order:
+                    r = devices[rtt, variant].run(image, question)
+                    row = {"sample_id": sample.sample_id, "rtt_ms": rtt, "variant": variant,
+                           "token_ids": r.token_ids}  # fmt: skip
+                    row.update(r.metrics())
+                    row["matches_target_only"] = r.token_ids == reference
+                    rows.append(row)
+            if progress:
+                progress(i + 1, len(samples))
     finally:
         for device in [*devices.values(), reference_device]:
             device.transport.close()

@@ -37,8 +37,8 @@ with 0.5 ms). 0.5 ms keeps it below one draft step."""
 
 @contextlib.contextmanager
 def responsive_links(interval_s: float = LINK_SWITCH_INTERVAL_S) -> Iterator[None]:
-    """Lower the thread switch interval to ``interval_s`` for the block (``LINK_SWITCH_INTERVAL_S``), then restore
-    it. Process-wide: for harnesses that own their process (benches, device actors)."""
+    """Lower the thread switch interval to ``interval_s`` for the block, or for each call of a function it decorates
+    (``LINK_SWITCH_INTERVAL_S``), then restore it. Process-wide: for harnesses that own their process (benches)."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(interval_s)
     try:
