@@ -2,9 +2,12 @@
 
     python -m pipelines.prune_eval [CONFIG] [key=value ...] [--out DIR] [--ratios 1,0.5,0.25,0.1]
                                    [--pruners joint,random,uniform,attention,diversity] [--timing-samples 4]
+                                   [--merge both|config] [--wait-branching]
 
 For every sample, target_only runs once (the reference), then every (pruner, keep ratio) variant runs covspec
-(greedy, co-located link) and draft_only, interleaved so that machine noise hits all variants alike. Keep ratio
+(greedy, co-located link) and draft_only, interleaved so that machine noise hits all variants alike. covspec
+drafts as configured (adaptive drafting, token trees) but without wait-time branching, whose branches depend on
+timing: so every run gives the same accepted lengths (``--wait-branching`` keeps it). Keep ratio
 1.0 is the identity for every pruner: it runs once, as ``none``. ``pruning.prune_target=true`` runs the lossy
 mode instead (the target prefills the same kept tokens); every row is then labelled ``(lossy)``.
 
@@ -267,6 +270,15 @@ def plot(summary: list[dict[str, Any]], key: str, ylabel: str, path: Path, title
     plt.close(fig)
 
 
+def drafting_label(config: dict[str, Any]) -> str:
+    """How covspec drafted in the evaluation (``report["config"]``), for the table's title."""
+    d, b = config["drafting"], config["branching"]
+    policy = f"gamma={d['gamma']}" if d["policy"] == "fixed" else f"adaptive (tau={d['threshold']:g})"
+    tree = f"trees of {b['tree']}" if b["tree"] else "chains"
+    wait = f"wait-time branching {b['budget']}" if b["budget"] else "no wait-time branching"
+    return f"{policy}, {tree}, {wait}"
+
+
 def write_outputs(summary: list[dict[str, Any]], report: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / "prune_eval.csv", out_dir / "prune_eval.json"
@@ -285,14 +297,20 @@ def write_outputs(summary: list[dict[str, Any]], report: dict[str, Any], out_dir
 
 
 def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: int = 4, progress=None,
-        merges: tuple[bool, ...] | None = None) -> dict:  # fmt: skip
+        merges: tuple[bool, ...] | None = None, wait_branching: bool = False) -> dict:  # fmt: skip
     """The whole evaluation; returns the report (summary rows, goals, per-sample rows, config).
 
     ``merges``: which of merging / keep-only to run for every pruner (default: the configured ``pruning.merge``).
+    ``wait_branching``: keep the configured wait-time branching. Off by default: which branches are drafted while a
+    block is verified depends on timing, so with it the accepted length moves from run to run (the unpruned draft's
+    by ~±4% on 60 samples) and the ratios to the unpruned draft measure noise as much as pruning. Without it every
+    covspec run is deterministic (greedy); adaptive drafting and token trees stay as configured.
     """
     merges = (cfg.pruning.merge,) if merges is None else merges
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=0.0))
+    if not wait_branching:
+        cfg = dataclasses.replace(cfg, branching=dataclasses.replace(cfg.branching, budget=0))
     base = LocalEngine.from_config(dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, method="none")))
     edge = Edge(base.target)
     engines: dict[tuple[str, float, bool], LocalEngine] = {}
@@ -335,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-samples", type=int, default=4, help="samples of the isolated timing benchmark")
     ap.add_argument("--merge", choices=("config", "both"), default="both",
                     help="every pruner merging and keep-only side by side, or as pruning.merge says")  # fmt: skip
+    ap.add_argument(
+        "--wait-branching",
+        action="store_true",
+        help="keep the configured wait-time branching (timing-dependent: accepted lengths vary by run)",
+    )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path, overrides = split_config_args(args.config_args)
@@ -353,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"prune_eval ({n_variants} variants)", total=cfg.data.limit)
             report = run(cfg, ratios, methods, args.timing_samples, progress=lambda: progress.advance(task),
-                         merges=merges)  # fmt: skip
+                         merges=merges, wait_branching=args.wait_branching)  # fmt: skip
         summary = report["summary"]
         lossy = " [LOSSY: the target is pruned too]" if cfg.pruning.prune_target else ""
         where = f"{report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}"
         print_table(summary, f"visual token pruning: {where}, draft {cfg.models.draft.path}, greedy, "
-                    f"gamma={cfg.drafting.gamma}{lossy}")  # fmt: skip
+                    f"{drafting_label(report['config'])}{lossy}")  # fmt: skip
         for goal, value in report["goals"].items():
             print(f"  {goal}: {value if not isinstance(value, float) else round(value, 4)}")
         paths = write_outputs(summary, report, args.out)
