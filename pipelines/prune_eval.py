@@ -2,12 +2,13 @@
 
     python -m pipelines.prune_eval [CONFIG] [key=value ...] [--out DIR] [--ratios 1,0.5,0.25,0.1]
                                    [--pruners joint,random,uniform,attention,diversity] [--timing-samples 4]
-                                   [--merge both|config] [--wait-branching]
+                                   [--merge both|config] [--as-configured]
 
 For every sample, target_only runs once (the reference), then every (pruner, keep ratio) variant runs covspec
 (greedy, co-located link) and draft_only, interleaved so that machine noise hits all variants alike. covspec
-drafts as configured (adaptive drafting, token trees) but without wait-time branching, whose branches depend on
-timing: so every run gives the same accepted lengths (``--wait-branching`` keeps it). Keep ratio
+drafts blocks of the fixed ``drafting.gamma`` (token trees as configured) without wait-time branching, so every run
+gives the same accepted lengths: adaptive drafting and wait-time branching depend on measured times
+(``--as-configured`` keeps them). Keep ratio
 1.0 is the identity for every pruner: it runs once, as ``none``. ``pruning.prune_target=true`` runs the lossy
 mode instead (the target prefills the same kept tokens); every row is then labelled ``(lossy)``.
 
@@ -297,20 +298,22 @@ def write_outputs(summary: list[dict[str, Any]], report: dict[str, Any], out_dir
 
 
 def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: int = 4, progress=None,
-        merges: tuple[bool, ...] | None = None, wait_branching: bool = False) -> dict:  # fmt: skip
+        merges: tuple[bool, ...] | None = None, as_configured: bool = False) -> dict:  # fmt: skip
     """The whole evaluation; returns the report (summary rows, goals, per-sample rows, config).
 
     ``merges``: which of merging / keep-only to run for every pruner (default: the configured ``pruning.merge``).
-    ``wait_branching``: keep the configured wait-time branching. Off by default: which branches are drafted while a
-    block is verified depends on timing, so with it the accepted length moves from run to run (the unpruned draft's
-    by ~±4% on 60 samples) and the ratios to the unpruned draft measure noise as much as pruning. Without it every
-    covspec run is deterministic (greedy); adaptive drafting and token trees stay as configured.
+    ``as_configured``: covspec drafts exactly as configured. By default it drafts blocks of the fixed
+    ``drafting.gamma`` without wait-time branching (token trees as configured): adaptive drafting chooses block
+    lengths from measured times and wait-time branching's hits depend on timing, so with them the accepted length
+    moves from run to run (the unpruned draft's by ~4% on 60 samples, `docs/pruning.md`) and ratios to the
+    unpruned draft measure noise as much as pruning. The default makes every greedy run give the same numbers.
     """
     merges = (cfg.pruning.merge,) if merges is None else merges
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=0.0))
-    if not wait_branching:
-        cfg = dataclasses.replace(cfg, branching=dataclasses.replace(cfg.branching, budget=0))
+    if not as_configured:
+        cfg = dataclasses.replace(cfg, drafting=dataclasses.replace(cfg.drafting, policy="fixed"),
+                                  branching=dataclasses.replace(cfg.branching, budget=0))  # fmt: skip
     base = LocalEngine.from_config(dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, method="none")))
     edge = Edge(base.target)
     engines: dict[tuple[str, float, bool], LocalEngine] = {}
@@ -353,11 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-samples", type=int, default=4, help="samples of the isolated timing benchmark")
     ap.add_argument("--merge", choices=("config", "both"), default="both",
                     help="every pruner merging and keep-only side by side, or as pruning.merge says")  # fmt: skip
-    ap.add_argument(
-        "--wait-branching",
-        action="store_true",
-        help="keep the configured wait-time branching (timing-dependent: accepted lengths vary by run)",
-    )
+    ap.add_argument("--as-configured", action="store_true",
+                    help="draft as configured (adaptive drafting and wait-time branching depend on timing: "
+                    "accepted lengths then vary by run); default: fixed gamma, no wait-time branching")  # fmt: skip
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path, overrides = split_config_args(args.config_args)
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task(f"prune_eval ({n_variants} variants)", total=cfg.data.limit)
             report = run(cfg, ratios, methods, args.timing_samples, progress=lambda: progress.advance(task),
-                         merges=merges, wait_branching=args.wait_branching)  # fmt: skip
+                         merges=merges, as_configured=args.as_configured)  # fmt: skip
         summary = report["summary"]
         lossy = " [LOSSY: the target is pruned too]" if cfg.pruning.prune_target else ""
         where = f"{report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}"

@@ -56,8 +56,8 @@ class StatsBoard:
         return dict(self._stats)
 
 
-_SUMMED = ("busy_s", "cpu_s", "prefill_s", "prefill_cpu_s", "forward_s", "forwards", "verify_rounds",
-           "decode_steps", "errors", "batches")  # fmt: skip
+_SUMMED = ("busy_s", "cpu_s", "thread_cpu_s", "prefill_s", "prefill_cpu_s", "prefill_thread_cpu_s", "forward_s",
+           "forwards", "verify_rounds", "decode_steps", "errors", "batches")  # fmt: skip
 
 
 def total_stats(board: dict[str, dict[str, Any]]) -> dict[str, Any]:

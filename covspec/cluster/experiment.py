@@ -235,6 +235,8 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             cpu = phase.edge.get("cpu_s", 0.0)
             row["edge_cpu_s"] = cpu
             row["edge_capacity_cpu"] = tokens / cpu if cpu > 0 else None
+            for key in ("thread_cpu_s", "prefill_s", "prefill_cpu_s", "prefill_thread_cpu_s"):  # diagnostics
+                row[f"edge_{key}"] = phase.edge.get(key, 0.0)
             row["edge_prefill_share"] = phase.edge.get("prefill_s", 0.0) / busy if busy > 0 else None
             sizes = phase.edge.get("batch_sizes", {})
             n = sum(sizes.values())

@@ -127,8 +127,10 @@ class Session:
 class EdgeStats:
     busy_s: float = 0.0  # wall time inside ``process`` (the edge's own clock)
     cpu_s: float = 0.0  # CPU time of the edge's process inside ``process`` (all its threads)
+    thread_cpu_s: float = 0.0  # CPU time of the thread that calls ``process`` (with 1 torch thread: the compute)
     prefill_s: float = 0.0  # wall time of OpenSession prefills
     prefill_cpu_s: float = 0.0  # CPU time of the edge's process during those prefills (unstretched by co-location)
+    prefill_thread_cpu_s: float = 0.0  # CPU time of the calling thread during those prefills
     forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
     verify_rounds: int = 0
@@ -141,8 +143,10 @@ class EdgeStats:
         return {
             "busy_s": self.busy_s,
             "cpu_s": self.cpu_s,
+            "thread_cpu_s": self.thread_cpu_s,
             "prefill_s": self.prefill_s,
             "prefill_cpu_s": self.prefill_cpu_s,
+            "prefill_thread_cpu_s": self.prefill_thread_cpu_s,
             "forward_s": self.forward_s,
             "forwards": self.forwards,
             "verify_rounds": self.verify_rounds,
@@ -225,7 +229,7 @@ class Edge:
     def process(self, work: list[Work]) -> list[list[Reply]]:
         """Answers every item of ``work``: the replies of item i (encoded) are ``result[i]``, in order."""
         with self._lock:
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
             self.expire_idle()
             self.stats.batches += 1
             replies: list[list[Message]] = [[] for _ in work]
@@ -246,6 +250,7 @@ class Edge:
             out = [[(m, encode(m)) for m in msgs] for msgs in replies]
             self.stats.busy_s += time.perf_counter() - start
             self.stats.cpu_s += time.process_time() - cpu
+            self.stats.thread_cpu_s += time.thread_time() - thread
             return out
 
     # -- admission: checks, and the work that needs no target forward -------------------------------
@@ -360,7 +365,7 @@ class Edge:
         """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
         if not opens:
             return
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
         results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(opens)
         plain = [i for i, o in enumerate(opens) if o.keep is None]
         if len(plain) > 1 and hasattr(self.target, "prefill_batch"):
@@ -400,6 +405,7 @@ class Edge:
             o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
         self.stats.prefill_s += time.perf_counter() - t
         self.stats.prefill_cpu_s += time.process_time() - cpu
+        self.stats.prefill_thread_cpu_s += time.thread_time() - thread
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
