@@ -6,9 +6,9 @@
 
 For every sample, target_only runs once (the reference), then every (pruner, keep ratio) variant runs covspec
 (greedy, co-located link) and draft_only, interleaved so that machine noise hits all variants alike. covspec
-drafts blocks of the fixed ``drafting.gamma`` (token trees as configured) without wait-time branching, so every run
-gives the same accepted lengths: adaptive drafting and wait-time branching depend on measured times
-(``--as-configured`` keeps them). Keep ratio
+drafts chains of the fixed ``drafting.gamma`` without branching, so the accepted length depends only on the
+pruned draft's agreement with the target and every run gives the same numbers (adaptive drafting and wait-time
+branching depend on measured times; ``--as-configured`` drafts as configured). Keep ratio
 1.0 is the identity for every pruner: it runs once, as ``none``. ``pruning.prune_target=true`` runs the lossy
 mode instead (the target prefills the same kept tokens); every row is then labelled ``(lossy)``.
 
@@ -302,18 +302,18 @@ def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: in
     """The whole evaluation; returns the report (summary rows, goals, per-sample rows, config).
 
     ``merges``: which of merging / keep-only to run for every pruner (default: the configured ``pruning.merge``).
-    ``as_configured``: covspec drafts exactly as configured. By default it drafts blocks of the fixed
-    ``drafting.gamma`` without wait-time branching (token trees as configured): adaptive drafting chooses block
-    lengths from measured times and wait-time branching's hits depend on timing, so with them the accepted length
-    moves from run to run (the unpruned draft's by ~4% on 60 samples, `docs/pruning.md`) and ratios to the
-    unpruned draft measure noise as much as pruning. The default makes every greedy run give the same numbers.
+    ``as_configured``: covspec drafts exactly as configured. By default it drafts chains of the fixed
+    ``drafting.gamma`` (no branching, no token trees), so the accepted length depends only on the pruned draft's
+    agreement with the target and every greedy run gives the same numbers. Adaptive drafting chooses block lengths
+    from measured times and wait-time branching's hits depend on timing: with them the unpruned draft's accepted
+    length moved by ~4% between identical runs (docs/pruning.md), as much as the pruning being measured.
     """
     merges = (cfg.pruning.merge,) if merges is None else merges
     torch.set_num_threads(cfg.threads)
     cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, temperature=0.0))
     if not as_configured:
         cfg = dataclasses.replace(cfg, drafting=dataclasses.replace(cfg.drafting, policy="fixed"),
-                                  branching=dataclasses.replace(cfg.branching, budget=0))  # fmt: skip
+                                  branching=dataclasses.replace(cfg.branching, budget=0, tree=0))  # fmt: skip
     base = LocalEngine.from_config(dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, method="none")))
     edge = Edge(base.target)
     engines: dict[tuple[str, float, bool], LocalEngine] = {}
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="every pruner merging and keep-only side by side, or as pruning.merge says")  # fmt: skip
     ap.add_argument("--as-configured", action="store_true",
                     help="draft as configured (adaptive drafting and wait-time branching depend on timing: "
-                    "accepted lengths then vary by run); default: fixed gamma, no wait-time branching")  # fmt: skip
+                    "accepted lengths then vary by run); default: chains of the fixed gamma, no branching")  # fmt: skip
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path, overrides = split_config_args(args.config_args)

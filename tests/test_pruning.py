@@ -355,14 +355,14 @@ def test_prune_eval_pipeline_end_to_end(tmp_path, capsys):
         assert joint["pruner_ms"] > 0 and joint["draft_prefill_ms"] > 0
     assert "joint@0.25 accepted length vs unpruned >= 95%" in report["goals"]  # checked on the merging rows
     assert (tmp_path / "accepted_length_vs_keep_ratio.png").stat().st_size > 0
-    # fixed gamma, no wait-time branching (both timing-dependent) unless asked for; the title says how it drafted
+    # chains of a fixed gamma (adaptive drafting and branching depend on timing) unless asked for; the title says so
     used = report["config"]
-    assert used["drafting"]["policy"] == "fixed" and used["branching"]["budget"] == 0 and used["branching"]["tree"] == 2
-    assert "gamma=5, trees of 2, no wait-time branching" in capsys.readouterr().out
+    assert used["drafting"]["policy"] == "fixed" and used["branching"] == {**used["branching"], "budget": 0, "tree": 0}
+    assert "gamma=5, chains, no wait-time branching" in capsys.readouterr().out
     argv = [*argv[: argv.index("--ratios")], "--ratios", "1", "--as-configured", "--out", str(tmp_path / "b")]
     assert prune_eval.main(argv) == 0
     used = json.loads((tmp_path / "b" / "prune_eval.json").read_text())["config"]
-    assert used["drafting"]["policy"] == "adaptive" and used["branching"]["budget"] == 2
+    assert used["drafting"]["policy"] == "adaptive" and used["branching"]["budget"] == used["branching"]["tree"] == 2
     assert "adaptive (tau=0.4), trees of 2, wait-time branching 2" in capsys.readouterr().out
     assert prune_eval.main(["--pruners", "fastv"]) == 2
 
