@@ -128,7 +128,9 @@ def test_batched_prefill_equals_single_prefill(target):
     for edge in (edge_a, edge_b):  # prefill time on both clocks, inside the edge's busy / CPU time
         st = edge.stats
         assert 0 < st.prefill_s <= st.busy_s and 0 < st.prefill_cpu_s <= st.cpu_s
+        assert 0 < st.prefill_thread_cpu_s <= st.thread_cpu_s <= st.cpu_s  # the calling thread's share of the CPU
         assert st.to_dict()["prefill_cpu_s"] == st.prefill_cpu_s
+        assert st.to_dict()["prefill_thread_cpu_s"] == st.prefill_thread_cpu_s
     for m in msgs:
         a, b = edge_a.sessions[m.session_id], edge_b.sessions[m.session_id]
         assert a.state.seq_len == b.state.seq_len

@@ -249,8 +249,8 @@ class Edge:
                 pending = deferred
             out = [[(m, encode(m)) for m in msgs] for msgs in replies]
             self.stats.busy_s += time.perf_counter() - start
+            self.stats.thread_cpu_s += time.thread_time() - thread  # read inside the process clock's interval
             self.stats.cpu_s += time.process_time() - cpu
-            self.stats.thread_cpu_s += time.thread_time() - thread
             return out
 
     # -- admission: checks, and the work that needs no target forward -------------------------------
@@ -404,8 +404,8 @@ class Edge:
             )
             o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
         self.stats.prefill_s += time.perf_counter() - t
-        self.stats.prefill_cpu_s += time.process_time() - cpu
         self.stats.prefill_thread_cpu_s += time.thread_time() - thread
+        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
