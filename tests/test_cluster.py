@@ -117,6 +117,8 @@ def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, to
     from covspec.runtime.transport import LINK_SWITCH_INTERVAL_S
 
     assert all(info["switch_interval_s"] == LINK_SWITCH_INTERVAL_S for info in cluster.info)  # responsive links
+    # devices at cluster.device_nice, below the edge (a Ray worker at Ray's worker niceness, 15 by default)
+    assert [info["nice"] for info in cluster.info] == [19, 19] and cluster.edge_nice < 19
     samples = _short_then_long()
     rows: list[dict] = []
 

@@ -76,7 +76,7 @@ class DeviceWorker:
     def ping(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "peer": self.peer, "rtt_ms": self.link_cfg.rtt_ms,
                 "compute_slowdown": self.link_cfg.compute_slowdown,
-                "switch_interval_s": sys.getswitchinterval()}  # fmt: skip
+                "switch_interval_s": sys.getswitchinterval(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
 
     def _device(self, method: str):
         from covspec.pruning import build_pruner

@@ -150,6 +150,7 @@ class EdgeServer:
         self.edge = Edge(load_adapter(m.path, m.dtype, m.device, key="models.target.path"),
                          session_ttl_s=cfg.cluster.session_ttl_s)  # fmt: skip
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's; the engine thread started below inherits it
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._engine = EngineLoop(self.edge, cfg.cluster.max_batch_size)
         self._batched.set_max_batch_size(cfg.cluster.max_batch_size)
@@ -199,7 +200,8 @@ class EdgeServer:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's statistics and live sessions."""
-        return {"replica": self.replica, "sessions": len(self.edge.sessions), **self.edge.stats.to_dict()}
+        return {"replica": self.replica, "sessions": len(self.edge.sessions), "nice": self.nice,
+                **self.edge.stats.to_dict()}  # fmt: skip
 
     async def crash(self) -> None:
         """Ends this replica's process (fault-injection tests only: Serve replaces the replica)."""

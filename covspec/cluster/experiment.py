@@ -84,7 +84,7 @@ class Cluster:
         from ray import serve
 
         from covspec.cluster.devices import DeviceActor, device_options
-        from covspec.cluster.edge_app import APP_NAME, StatsBoard, edge_app
+        from covspec.cluster.edge_app import APP_NAME, DEPLOYMENT_NAME, StatsBoard, edge_app
 
         self.cfg = cfg
         c = cfg.cluster
@@ -113,6 +113,8 @@ class Cluster:
         self.devices = [DeviceActor.options(name=f"covspec-device-{tag}-{i}", **device_options(cfg))
                         .remote(text, i, self.app_name) for i in range(c.num_devices)]  # fmt: skip
         self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
+        edge = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name).stats.remote().result()
+        self.edge_nice: int = edge["nice"]
 
     def edge_stats(self) -> dict[str, Any]:
         import ray
@@ -280,7 +282,8 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width: int = 240) -> str:
+def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width: int = 240,
+                 nice: tuple[int, int] | None = None) -> str:  # fmt: skip
     """The comparison table as text (rich), with the notes that explain its columns."""
     from rich.console import Console
     from rich.table import Table
@@ -311,7 +314,8 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "
         f"151,936-token vocabulary. Placement: {c.num_devices} device actors x {c.device_cpus:g} CPU, "
         f"{c.device_threads} torch thread(s) each; edge {c.edge_replicas} x {c.edge_cpus:g} CPU, {c.edge_threads} "
-        f"thread(s); this machine has {os.cpu_count()} cores shared by all of them."
+        f"thread(s){'' if nice is None else f'; niceness: devices {nice[0]}, edge {nice[1]}'}; this machine has "
+        f"{os.cpu_count()} cores shared by all of them."
     )  # fmt: skip
     return console.export_text()
 
@@ -456,7 +460,8 @@ def run_experiment(
                         tracking.log_metrics({"wall_s": phases[method].wall_s}, prefix=f"{method}.")
             finally:  # the report is written (and the MLflow run ended) before Ray is shut down
                 summary = summarize_run(cfg, rows, phases) if rows else []
-                table = format_table(cfg, summary, run_id) if summary else ""
+                nice = (max(i["nice"] for i in cluster.info), cluster.edge_nice) if cluster is not None else None
+                table = format_table(cfg, summary, run_id, nice=nice) if summary else ""
                 _write_report(out, jsonl, summary, table, rows)
                 if table and on_table is not None:
                     on_table(table)
