@@ -450,6 +450,10 @@ class ClusterConfig(_Section):
     warmup: bool = True
     """Before measuring, every device answers one sample with target_only and with covspec (results discarded):
     first calls pay for lazy initialization (Serve handles, torch kernels for new shapes)."""
+    repeats: int = 3
+    """Passes over the samples (1..100), the methods in alternating order (forward, then reversed, ...) so that the
+    machine's drift hits them alike; the table pools every pass and gives each method's ratios per pass and their
+    median."""
 
     def _check(self, prefix: str) -> None:
         _check_text(_join(prefix, "address"), self.address, optional=True)
@@ -473,6 +477,7 @@ class ClusterConfig(_Section):
         _check_number(_join(prefix, "sample_timeout_s"), self.sample_timeout_s, 0, low_open=True)
         _check_int(_join(prefix, "max_attempts"), self.max_attempts, 1, 100)
         _check_bool(_join(prefix, "warmup"), self.warmup)
+        _check_int(_join(prefix, "repeats"), self.repeats, 1, 100)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from covspec.decoding.autoregressive import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SMALL = ["cluster.num_devices=2", "cluster.warmup=false", "generation.max_new_tokens=24", "cluster.batch_wait_ms=1"]
+SMALL = ["cluster.num_devices=2", "cluster.warmup=false", "generation.max_new_tokens=24", "cluster.batch_wait_ms=1",
+         "cluster.repeats=1"]  # fmt: skip
 
 
 def _reference(target, samples, max_new_tokens: int) -> dict[str, list[int]]:
@@ -161,6 +162,7 @@ def test_an_edge_replica_killed_mid_run_is_replaced_and_outputs_do_not_change(cl
 
 
 def test_resume_skips_finished_samples_and_continues_the_mlflow_run(cluster, tmp_path, monkeypatch):
+    """Two passes (the methods forward, then reversed), the last row torn: the resumed run redoes only it."""
     import mlflow
 
     from covspec.cluster.experiment import read_rows, run_experiment
@@ -168,19 +170,32 @@ def test_resume_skips_finished_samples_and_continues_the_mlflow_run(cluster, tmp
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40", "data.limit=2", "methods=[target_only,covspec]",
-                             "tracking.enabled=true", f"tracking.uri={uri}"])  # fmt: skip
+                             "cluster.repeats=2", "tracking.enabled=true", f"tracking.uri={uri}"])  # fmt: skip
     first = run_experiment(cfg, log=lambda m: None, cluster=cluster)
     path = Path(first["dir"]) / "samples.jsonl"
+    order = [(r["repeat"], r["method"]) for r in read_rows(path)]
+    assert sorted(set(order), key=order.index) == [(0, "target_only"), (0, "covspec"), (1, "covspec"),
+                                                   (1, "target_only")]  # fmt: skip
+    covspec = next(r for r in first["summary"] if r["method"] == "covspec")
+    by_pass = covspec["edge_capacity_vs_target_only_by_repeat"]
+    assert len(by_pass) == 2 and None not in by_pass
+    assert covspec["edge_capacity_vs_target_only_median"] == pytest.approx(sum(by_pass) / 2)
+    assert "per pass" in first["table"] and " / " in first["table"]
     lines = path.read_text().splitlines()
     dropped = json.loads(lines[-1])
+    assert (dropped["repeat"], dropped["method"]) == (1, "target_only")
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # the last row torn mid-write
     second = run_experiment(cfg, resume=first["run_id"], log=lambda m: None, cluster=cluster)
     assert second["run_id"] == first["run_id"]
     assert list(second["phases"]) == [dropped["method"]]  # only the unfinished method ran again
     rows = read_rows(path)
-    assert Counter((r["method"], r["sample_id"]) for r in rows) == {
-        (m, s.sample_id): 1 for m in ("target_only", "covspec") for s in load_split("test", 2)
+    assert Counter((r["method"], r["sample_id"], r["repeat"]) for r in rows) == {
+        (m, s.sample_id, r): 1 for m in ("target_only", "covspec") for s in load_split("test", 2) for r in (0, 1)
     }
+    # the resumed process timed only the redone row: its rates count only that row's tokens, in pass 1 only
+    redone = next(r for r in second["summary"] if r["method"] == "target_only")
+    assert redone["measured_tokens"] == dropped["num_tokens"] and redone["tokens"] > dropped["num_tokens"]
+    assert redone["system_tokens_per_s_vs_target_only_by_repeat"] == [None, 1.0]
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(first["run_id"]).info.status == "FINISHED"
     with pytest.raises(Exception, match="no results"):
         run_experiment(cfg, resume="nonexistent-run", log=lambda m: None, cluster=cluster)

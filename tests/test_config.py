@@ -219,6 +219,7 @@ def test_flatten_gives_dotted_keys():
     ("override", "message"),
     [
         ("cluster.num_devices=0", "cluster.num_devices must be in [1, 256], got 0"),
+        ("cluster.repeats=0", "cluster.repeats must be in [1, 100], got 0"),
         ("cluster.device_cpus=0", "cluster.device_cpus must be in (0, 64], got 0"),
         ("cluster.batch_wait_ms=-1", "cluster.batch_wait_ms must be in [0, 1000], got -1"),
         ("cluster.device_nice=20", "cluster.device_nice must be in [0, 19], got 20"),

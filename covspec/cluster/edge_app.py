@@ -72,6 +72,16 @@ def total_stats(board: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a + b`` of two ``diff_stats`` (an empty ``a`` is zero)."""
+    out = {k: a.get(k, 0) + b.get(k, 0) for k in _SUMMED}
+    sizes = dict(a.get("batch_sizes", {}))
+    for size, n in b.get("batch_sizes", {}).items():
+        sizes[size] = sizes.get(size, 0) + n
+    out["batch_sizes"] = sizes
+    return out
+
+
 def diff_stats(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     """``after - before`` of two ``total_stats``."""
     out = {k: after[k] - before.get(k, 0) for k in _SUMMED}

@@ -49,6 +49,12 @@ class MethodPhase:
     edge: dict[str, Any] = field(default_factory=dict)  # edge statistics accumulated during the phase
     retries: int = 0
 
+    def plus(self, other: MethodPhase) -> MethodPhase:
+        """Both phases pooled (walls, edge statistics and retries summed)."""
+        from covspec.cluster.edge_app import add_stats
+
+        return MethodPhase(self.wall_s + other.wall_s, add_stats(self.edge, other.edge), self.retries + other.retries)
+
 
 def results_dir(run_id: str) -> Path:
     return RESULTS_ROOT / run_id
@@ -204,8 +210,13 @@ def run_method(
     return phase
 
 
-def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, MethodPhase]) -> list[dict[str, Any]]:
-    """One summary per method: the bench table's columns plus system throughput and edge capacity."""
+def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, MethodPhase],
+                  measured_in: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One summary per method: the bench table's columns plus system throughput and edge capacity.
+
+    ``measured_in``: the figures per second of ``phases`` (wall, edge busy and CPU time) count only the tokens of the
+    rows with this ``measured_in`` tag, the rows those phases produced (a resumed run's earlier rows were timed by
+    another process); None: every row."""
     from pipelines.bench import MethodStats, summarize
 
     stats: dict[str, MethodStats] = {m: MethodStats() for m in cfg.methods}
@@ -222,10 +233,11 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
     for row in out:
         name = row["method"].removesuffix(" (lossy)")
         s, phase = stats[name], phases.get(name)
-        tokens = s.sum("num_tokens")
+        tokens = sum(r["num_tokens"] for r in s.rows if measured_in is None or r.get("measured_in") == measured_in)
         row.pop("bound_speedup", None)
         row.pop("alpha", None)
-        row["tokens"] = tokens
+        row["tokens"] = s.sum("num_tokens")
+        row["measured_tokens"] = tokens  # those of the rows the phases timed
         row["tokens_per_s_per_device"] = row.pop("tokens_per_s")  # sum of tokens / sum of request latencies
         if phase is not None and phase.wall_s > 0:
             row["wall_s"] = phase.wall_s
@@ -262,8 +274,29 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             ):
                 prefill = edge.get(prefill_key, 0.0)
                 if prefill > 0 and base.get(cap_key):
-                    row[out_key] = row["tokens"] / prefill / base[cap_key]
+                    row[out_key] = row["measured_tokens"] / prefill / base[cap_key]
     return out
+
+
+PASS_RATIOS = (("speedup", "system_tokens_per_s_vs_target_only"), ("cap vs t.o.", "edge_capacity_vs_target_only"),
+               ("CPU vs t.o.", "edge_capacity_cpu_vs_target_only"))  # fmt: skip
+
+
+def add_pass_ratios(cfg: Config, summary: list[dict[str, Any]], rows: list[dict[str, Any]],
+                    passes: list[dict[str, MethodPhase]], measured_in: str | None = None) -> None:  # fmt: skip
+    """Adds each method's ratios to target_only per pass (``<key>_by_repeat``, None where a pass has no phase
+    measured in this process, e.g. before a resume) and their median over the passes (``<key>_median``)."""
+    by_pass = []
+    for r, phases in enumerate(passes):
+        mine = [row for row in rows if row.get("repeat", 0) == r]
+        summary_r = summarize_run(cfg, mine, phases, measured_in) if mine and phases else []
+        by_pass.append({row["method"]: row for row in summary_r})
+    for row in summary:
+        for _, key in PASS_RATIOS:
+            values = [p.get(row["method"], {}).get(key) for p in by_pass]
+            row[f"{key}_by_repeat"] = values
+            present = [v for v in values if v is not None]
+            row[f"{key}_median"] = statistics.median(present) if present else None
 
 
 COLUMNS = [
@@ -282,6 +315,26 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def pass_table(summary: list[dict[str, Any]]):
+    """Each method's ratios to target_only in every pass (methods in alternating order) and their median."""
+    from rich.table import Table
+
+    table = Table(title="per pass (methods forward, then reversed, ...): ratios to target_only in the same pass")
+    table.add_column("method", no_wrap=True)
+    for title, _ in PASS_RATIOS:
+        table.add_column(f"{title} per pass", justify="right")
+        table.add_column("median", justify="right")
+    for row in summary:
+        cells = [row["method"]]
+        for _, key in PASS_RATIOS:
+            values = row.get(f"{key}_by_repeat") or []
+            cells.append(" / ".join("-" if v is None else f"{v:.2f}" for v in values))
+            median = row.get(f"{key}_median")
+            cells.append("-" if median is None else f"{median:.2f}")
+        table.add_row(*cells)
+    return table
+
+
 def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width: int = 240,
                  nice: tuple[int, int] | None = None) -> str:  # fmt: skip
     """The comparison table as text (rich), with the notes that explain its columns."""
@@ -289,8 +342,9 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
     from rich.table import Table
 
     c = cfg.cluster
+    passes = f" x {c.repeats} passes (pooled)" if c.repeats > 1 else ""
     table = Table(title=f"covspec run {run_id}: {cfg.data.benchmark}/{cfg.data.split}, {cfg.data.limit} samples x "
-                  f"{len(cfg.methods)} methods on {c.num_devices} devices, edge {c.edge_replicas} replica(s); "
+                  f"{len(cfg.methods)} methods{passes} on {c.num_devices} devices, edge {c.edge_replicas} replica(s); "
                   f"link rtt {cfg.link.rtt_ms:g} ms; T={cfg.generation.temperature:g}")  # fmt: skip
     longest = max((len(row["method"]) for row in summary), default=6)
     for title, _, _ in COLUMNS:
@@ -302,6 +356,8 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         table.add_row(*["-" if row.get(k) is None else format(row[k], spec) for _, k, spec in COLUMNS])
     console = Console(file=io.StringIO(), width=width, record=True)
     console.print(table)
+    if any(f"{key}_by_repeat" in row for row in summary for _, key in PASS_RATIOS):
+        console.print(pass_table(summary))
     console.print(
         "sys tok/s: generated tokens of all devices / wall time of the method's phase; speedup is against "
         "target_only in this run.\nedge cap: generated tokens per second of edge busy time (the edge's own clock, "
@@ -411,8 +467,8 @@ def run_experiment(
         kept = read_rows(path)
         # rewrite without a torn last line, so that new rows start on a line of their own
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        rows = [r for r in kept if r.get("method") in cfg.methods]
-        done = {(r["method"], r["sample_id"]) for r in rows}
+        rows = [r for r in kept if r.get("method") in cfg.methods and r.get("repeat", 0) < cfg.cluster.repeats]
+        done = {(r["method"], r["sample_id"], r.get("repeat", 0)) for r in rows}
     tags = {"covspec.command": "run"}
     own = cluster is None
     try:
@@ -424,7 +480,10 @@ def run_experiment(
             (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
             jsonl = out / "samples.jsonl"
             log(f"run {run_id}: results in {jsonl}")
-            phases: dict[str, MethodPhase] = {}
+            phases: dict[str, MethodPhase] = {}  # every pass pooled
+            passes: list[dict[str, MethodPhase]] = [{} for _ in range(cfg.cluster.repeats)]
+            current = {"repeat": 0}
+            measured_in = secrets.token_hex(6)  # tags the rows timed by this process's phases
             try:
                 if own:
                     cluster = Cluster(cfg, log)
@@ -432,7 +491,8 @@ def run_experiment(
 
                     def sink(row: dict[str, Any]) -> None:
                         sample = by_id[row["sample_id"]]
-                        row.update({"kind": sample.kind, "reference": sample.answer,
+                        row.update({"repeat": current["repeat"], "measured_in": measured_in, "kind": sample.kind,
+                                    "reference": sample.answer,
                                     "exact_match": exact_match(row["text"], sample.answer),
                                     "token_f1": token_f1(row["text"], sample.answer),
                                     "score": sample.score(row["text"]),
@@ -449,17 +509,24 @@ def run_experiment(
                             warm = [Job(method, s.sample_id, s.question, images[s.sample_id], i)
                                     for i, s in enumerate(samples[: cfg.cluster.num_devices])]  # fmt: skip
                             run_method(cluster, method, warm, lambda row: None)
-                    for method in cfg.methods:
-                        todo = [s for s in samples if (method, s.sample_id) not in done]
-                        jobs = [Job(method, s.sample_id, s.question, images[s.sample_id], cfg.seed * 100_003 + i)
-                                for i, s in enumerate(samples) if s in todo]  # fmt: skip
-                        if not jobs:
-                            continue
-                        advance = progress_factory(method, len(jobs)) if progress_factory else None
-                        phases[method] = run_method(cluster, method, jobs, sink, advance)
-                        tracking.log_metrics({"wall_s": phases[method].wall_s}, prefix=f"{method}.")
+                    repeats = cfg.cluster.repeats
+                    for r in range(repeats):  # methods forward, then reversed, ...: drift hits them alike
+                        current["repeat"] = r
+                        for method in cfg.methods if r % 2 == 0 else cfg.methods[::-1]:
+                            todo = {s.sample_id for s in samples if (method, s.sample_id, r) not in done}
+                            jobs = [Job(method, s.sample_id, s.question, images[s.sample_id], cfg.seed * 100_003 + i)
+                                    for i, s in enumerate(samples) if s.sample_id in todo]  # fmt: skip
+                            if not jobs:
+                                continue
+                            label = method if repeats == 1 else f"{method} [{r + 1}/{repeats}]"
+                            advance = progress_factory(label, len(jobs)) if progress_factory else None
+                            phase = passes[r][method] = run_method(cluster, method, jobs, sink, advance)
+                            phases[method] = phases[method].plus(phase) if method in phases else phase
+                            tracking.log_metrics({"wall_s": phase.wall_s}, step=r, prefix=f"{method}.")
             finally:  # the report is written (and the MLflow run ended) before Ray is shut down
-                summary = summarize_run(cfg, rows, phases) if rows else []
+                summary = summarize_run(cfg, rows, phases, measured_in) if rows else []
+                if summary and cfg.cluster.repeats > 1:
+                    add_pass_ratios(cfg, summary, rows, passes, measured_in)
                 nice = (max(i["nice"] for i in cluster.info), cluster.edge_nice) if cluster is not None else None
                 table = format_table(cfg, summary, run_id, nice=nice) if summary else ""
                 _write_report(out, jsonl, summary, table, rows)
