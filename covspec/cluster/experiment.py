@@ -4,7 +4,9 @@ Flow: start (or join, ``cluster.address``) Ray; deploy the edge (``covspec.clust
 start ``cluster.num_devices`` device actors (``covspec.cluster.devices``); then, method after method, spread the
 benchmark's samples over the devices (each free device takes the next sample), write each result as it finishes
 (``results/<run_id>/samples.jsonl``), and read the edge's busy time from its own clock before and after the method.
-The table compares the methods measured in this one run.
+The table compares the methods measured in this one run. With ``cluster.repeats`` passes (3 by default) the methods
+run forward, then reversed, then forward again, so that the machine's drift hits them alike; the table pools every
+pass and a second one gives each method's ratios to target_only per pass and their median.
 
 Faults: a device actor that dies mid-sample has the sample put back in the queue for another device (the actor
 is restarted once by Ray and rejoins when it answers a ping); every sample is recorded exactly once. An edge
