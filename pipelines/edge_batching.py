@@ -7,7 +7,9 @@ Opens ``max(batches)`` real sessions on an ``Edge`` (the toy target by default; 
 samples, so their lengths differ), then times ``Edge.process`` on batches of VerifyRequests (k drafted tokens each,
 greedy) and of target_only decode steps, interleaving the batch sizes so machine noise hits them alike. Every
 verify is undone after it is timed (the sessions are re-opened), so each measurement sees the same cache lengths.
-Prints medians: ms per batch, verified (scored) tokens per second, and the ratio to batch 1.
+Prints medians: ms per batch, verified (scored) tokens per second, and the ratio to batch 1; beside it the *paired*
+ratio: batch b against batch 1 within each repeat (timed moments apart), median and quartiles over the repeats, which
+the shared host's drift between repeats does not move.
 
 It also times batched prefills and derives **edge capacity at saturation** (the edge always has B requests
 waiting) from these costs: target_only makes 1 token per session per decode step; a speculative method makes tau
@@ -84,13 +86,28 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
     rows = []
     for kind, width in (("verify", k), ("decode", 1), ("prefill", 0)):
         base = None
+        paired = paired_ratios({b: times[(kind, b)] for b in batches})
         for b in batches:
             med = statistics.median(times[(kind, b)])
             tps = b * (width or 1) / med  # prefill: sessions per second
             base = base or tps
             rows.append({"kind": kind, "k": width, "batch": b, "ms": med * 1e3, "tokens_per_s": tps,
-                         "vs_batch_1": tps / base})  # fmt: skip
+                         "vs_batch_1": tps / base, **paired[b]})  # fmt: skip
     return rows
+
+
+def paired_ratios(times: dict[int, list[float]]) -> dict[int, dict[str, float]]:
+    """Throughput of batch b over the smallest batch's, *within* each repeat (both timed seconds apart in the same
+    interleaved pass), then the median and quartiles over repeats: ``b t_1 / t_b`` per repeat. Drift of the shared
+    host between passes cancels in each pair; the ratio of medians does not pair them.
+    ``times``: batch size -> seconds per batch, repeat i at index i of every list."""
+    small = min(times)
+    out = {}
+    for b, values in times.items():
+        ratios = sorted(b / small * t1 / tb for t1, tb in zip(times[small], values, strict=True))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+        out[b] = {"paired_vs_batch_1": q[1], "paired_p25": q[0], "paired_p75": q[2]}
+    return out
 
 
 def saturation(rows: list[dict], tau: float, tokens: float) -> list[dict]:
@@ -138,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     rows = measure(cfg, batches, args.k, args.repeats)
     print(f"edge batching on {cfg.models.target.path}, {cfg.threads} torch threads, medians of {args.repeats}")
-    print(f"{'kind':8} {'k':>3} {'batch':>5} {'ms/batch':>9} {'tokens/s':>9} {'vs batch 1':>10}")
+    print(f"{'kind':8} {'k':>3} {'batch':>5} {'ms/batch':>9} {'tokens/s':>9} {'vs batch 1':>10} "
+          f"{'paired: median [p25-p75]':>25}")  # fmt: skip
     for r in rows:
         print(f"{r['kind']:8} {r['k']:>3} {r['batch']:>5} {r['ms']:>9.2f} {r['tokens_per_s']:>9.0f} "
-              f"{r['vs_batch_1']:>9.2f}x")  # fmt: skip
-    print("(prefill: sessions per second)")
+              f"{r['vs_batch_1']:>9.2f}x {r['paired_vs_batch_1']:>10.2f}x [{r['paired_p25']:.2f}-"
+              f"{r['paired_p75']:.2f}]")  # fmt: skip
+    print("(prefill: sessions per second; paired: batch b over batch 1 within each repeat, median over repeats)")
     tau, tokens = _from_run(args.run) if args.run else (args.tau, args.tokens)
     if tau and tokens:
         print(f"\nedge capacity at saturation (tokens per edge second), tau={tau:.2f}, {tokens:.1f} tokens/request:")

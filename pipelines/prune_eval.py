@@ -306,7 +306,7 @@ def run(cfg: Config, ratios: list[float], methods: list[str], timing_samples: in
     ``drafting.gamma`` (no branching, no token trees), so the accepted length depends only on the pruned draft's
     agreement with the target and every greedy run gives the same numbers. Adaptive drafting chooses block lengths
     from measured times and wait-time branching's hits depend on timing: with them the unpruned draft's accepted
-    length moved by ~4% between identical runs (docs/pruning.md), as much as the pruning being measured.
+    length moved by 3.5% between identical runs (docs/pruning.md), as much as the pruning being measured.
     """
     merges = (cfg.pruning.merge,) if merges is None else merges
     torch.set_num_threads(cfg.threads)

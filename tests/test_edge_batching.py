@@ -352,3 +352,10 @@ def test_edge_batching_pipeline_prints_costs_and_saturation_capacity(capsys):
     assert cap["target_only"] == pytest.approx(10 / (0.020 + 10 * 0.005))
     assert cap["speculative"] == pytest.approx(10 / (0.020 + 2.5 * 0.010))
     assert cap["ratio_decode_only"] == pytest.approx((4 / 0.010) / (1 / 0.005))
+    assert "paired" in out
+    # paired ratios: batch 4 is 2x batch 1's throughput in every repeat although the host slowed 3x in the second
+    paired = edge_batching.paired_ratios({1: [0.010, 0.030, 0.010], 4: [0.020, 0.060, 0.020]})
+    assert paired[4] == pytest.approx({"paired_vs_batch_1": 2.0, "paired_p25": 2.0, "paired_p75": 2.0})
+    assert paired[1]["paired_vs_batch_1"] == 1.0
+    spread = edge_batching.paired_ratios({1: [0.01] * 4, 8: [0.08, 0.04, 0.02, 0.04]})[8]
+    assert spread == pytest.approx({"paired_vs_batch_1": 2.0, "paired_p25": 1.75, "paired_p75": 2.5})
