@@ -60,26 +60,22 @@ _SUMMED = ("busy_s", "cpu_s", "thread_cpu_s", "prefill_s", "prefill_cpu_s", "pre
            "forwards", "verify_rounds", "decode_steps", "errors", "batches")  # fmt: skip
 
 
-def total_stats(board: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The sum of every replica's statistics (``busy_s``, counts, batch size histogram)."""
-    out: dict[str, Any] = {key: 0 for key in _SUMMED}
-    out.update({"batch_sizes": {}, "replicas": len(board)})
-    for stats in board.values():
-        for key in _SUMMED:
-            out[key] += stats.get(key, 0)
-        for size, n in stats.get("batch_sizes", {}).items():
-            out["batch_sizes"][int(size)] = out["batch_sizes"].get(int(size), 0) + n
-    return out
-
-
 def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """``a + b`` of two ``diff_stats`` (an empty ``a`` is zero)."""
+    """``a + b`` of two edge statistics (counters and the batch size histogram; a missing key is zero)."""
     out = {k: a.get(k, 0) + b.get(k, 0) for k in _SUMMED}
-    sizes = dict(a.get("batch_sizes", {}))
+    sizes = {int(size): n for size, n in a.get("batch_sizes", {}).items()}
     for size, n in b.get("batch_sizes", {}).items():
-        sizes[size] = sizes.get(size, 0) + n
+        sizes[int(size)] = sizes.get(int(size), 0) + n
     out["batch_sizes"] = sizes
     return out
+
+
+def total_stats(board: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The sum of every replica's statistics (``busy_s``, counts, batch size histogram)."""
+    out = add_stats({}, {})  # zeros
+    for stats in board.values():
+        out = add_stats(out, stats)
+    return {**out, "replicas": len(board)}
 
 
 def diff_stats(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:

@@ -280,6 +280,15 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
     return out
 
 
+def pooled(passes: list[dict[str, MethodPhase]]) -> dict[str, MethodPhase]:
+    """Each method's phases of every pass, pooled (in the order the methods first ran)."""
+    out: dict[str, MethodPhase] = {}
+    for phases in passes:
+        for method, phase in phases.items():
+            out[method] = out[method].plus(phase) if method in out else phase
+    return out
+
+
 PASS_RATIOS = (("speedup", "system_tokens_per_s_vs_target_only"), ("cap vs t.o.", "edge_capacity_vs_target_only"),
                ("CPU vs t.o.", "edge_capacity_cpu_vs_target_only"))  # fmt: skip
 
@@ -482,7 +491,6 @@ def run_experiment(
             (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
             jsonl = out / "samples.jsonl"
             log(f"run {run_id}: results in {jsonl}")
-            phases: dict[str, MethodPhase] = {}  # every pass pooled
             passes: list[dict[str, MethodPhase]] = [{} for _ in range(cfg.cluster.repeats)]
             current = {"repeat": 0}
             measured_in = secrets.token_hex(6)  # tags the rows timed by this process's phases
@@ -522,10 +530,10 @@ def run_experiment(
                                 continue
                             label = method if repeats == 1 else f"{method} [{r + 1}/{repeats}]"
                             advance = progress_factory(label, len(jobs)) if progress_factory else None
-                            phase = passes[r][method] = run_method(cluster, method, jobs, sink, advance)
-                            phases[method] = phases[method].plus(phase) if method in phases else phase
-                            tracking.log_metrics({"wall_s": phase.wall_s}, step=r, prefix=f"{method}.")
+                            passes[r][method] = run_method(cluster, method, jobs, sink, advance)
+                            tracking.log_metrics({"wall_s": passes[r][method].wall_s}, step=r, prefix=f"{method}.")
             finally:  # the report is written (and the MLflow run ended) before Ray is shut down
+                phases = pooled(passes)
                 summary = summarize_run(cfg, rows, phases, measured_in) if rows else []
                 if summary and cfg.cluster.repeats > 1:
                     add_pass_ratios(cfg, summary, rows, passes, measured_in)
