@@ -359,3 +359,17 @@ def test_edge_batching_pipeline_prints_costs_and_saturation_capacity(capsys):
     assert paired[1]["paired_vs_batch_1"] == 1.0
     spread = edge_batching.paired_ratios({1: [0.01] * 4, 8: [0.08, 0.04, 0.02, 0.04]})[8]
     assert spread == pytest.approx({"paired_vs_batch_1": 2.0, "paired_p25": 1.75, "paired_p75": 2.5})
+
+
+def test_edge_statistics_of_replicas_and_passes_add_up():
+    from covspec.cluster.edge_app import add_stats, diff_stats, total_stats
+
+    a = {"busy_s": 1.0, "verify_rounds": 3, "batch_sizes": {1: 2, 4: 1}}
+    b = {"busy_s": 0.5, "verify_rounds": 1, "batch_sizes": {"4": 2}}  # keys as they may come back from a board
+    total = total_stats({"r1": a, "r2": b})
+    assert total["busy_s"] == 1.5 and total["verify_rounds"] == 4 and total["replicas"] == 2
+    assert total["batch_sizes"] == {1: 2, 4: 3} and total["cpu_s"] == 0
+    assert total_stats({}) == {**add_stats({}, {}), "replicas": 0}
+    phase = diff_stats(total, total_stats({"r1": a}))
+    assert phase["busy_s"] == 0.5 and phase["batch_sizes"] == {4: 2}
+    assert add_stats(phase, phase)["batch_sizes"] == {4: 4}
