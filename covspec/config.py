@@ -356,9 +356,12 @@ class VerificationConfig(_Section):
 
     num_candidates: int = 4
     """m: candidates drawn from p sent back at a rejected position (1..256)."""
+    fuse_prefill: bool = True
+    """The edge prefills a speculative session together with its first block, in one target forward (docs/engine.md)."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "num_candidates"), self.num_candidates, 1, 256)
+        _check_bool(_join(prefix, "fuse_prefill"), self.fuse_prefill)
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_batched_verification_equals_unbatched_for_sessions_of_different_lengths
     samples = load_split("test", 4, offset=11)  # different kinds: prompts of different lengths
     lengths = {len(target.prepare(s.image(), s.question).input_ids) for s in samples}
     assert len(lengths) > 1
-    edge_a, edge_b = Edge(target), Edge(target)
+    edge_a, edge_b = Edge(target, fuse_prefill=False), Edge(target, fuse_prefill=False)  # round 0 batched as well
     rounds = []
     for i, s in enumerate(samples):
         sid = new_session_id()
@@ -116,7 +116,7 @@ def test_target_only_steps_decode_all_streams_in_one_forward(target):
 
 def test_batched_prefill_equals_single_prefill(target):
     samples = load_split("test", 3, offset=2)
-    edge_a, edge_b = Edge(target), Edge(target)
+    edge_a, edge_b = Edge(target, fuse_prefill=False), Edge(target, fuse_prefill=False)
     msgs = []
     for s in samples:
         ids = target.prepare(s.image(), s.question).input_ids.tolist()
@@ -139,7 +139,8 @@ def test_batched_prefill_equals_single_prefill(target):
 
 def _snapshot(edge: Edge, sid: str):
     s = edge.sessions[sid]
-    return s.seq, list(s.committed), s.state.seq_len, s.last_logits.clone(), s.peer
+    logits = None if s.last_logits is None else s.last_logits.clone()  # None: the prefill waits for the first block
+    return s.seq, list(s.committed), s.length, logits, s.peer, s.state is None
 
 
 def test_a_session_belongs_to_its_device(target):
@@ -158,7 +159,7 @@ def test_a_session_belongs_to_its_device(target):
     reply = edge.process([Frame(encode(Close(sid)), "device-b")])[0][0][0]
     assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION
     after = _snapshot(edge, sid)
-    assert before[:3] == after[:3] and torch.equal(before[3], after[3]) and after[4] == "device-a"
+    assert before[:3] == after[:3] and before[3] is after[3] is None and after[4:] == ("device-a", True)
     ok = edge.process([Frame(encode(VerifyRequest(sid, 0, [5], committed_len=0, last_token=-1)), "device-a")])
     assert isinstance(ok[0][0][0], VerifyResponse)
 
@@ -373,3 +374,54 @@ def test_edge_statistics_of_replicas_and_passes_add_up():
     phase = diff_stats(total, total_stats({"r1": a}))
     assert phase["busy_s"] == 0.5 and phase["batch_sizes"] == {4: 2}
     assert add_stats(phase, phase)["batch_sizes"] == {4: 4}
+
+
+def test_fused_prefill_answers_the_first_round_as_a_separate_prefill_does(target):
+    """With ``fuse_prefill`` (the default) a speculative session's prefill waits for its first block and both run in
+    one forward: the verdicts, the caches after them and the next round equal the unfused edge's; a chain and a
+    token tree; an OpenSession and its first block in one batch; a refused first block changes nothing."""
+    samples = load_split("test", 3, offset=11)
+    fused, plain = Edge(target), Edge(target, fuse_prefill=False)
+    for i, s in enumerate(samples):
+        greedy = _greedy_blocks(target, s, 5)
+        if i == 0:  # a token tree: the main chain is wrong at node 3, a branch from node 2 holds the right token
+            right = _greedy_blocks(target, s, 6)[3]
+            ids, branches = greedy[:4], [2, 1]
+            ids = [*ids[:3], (right + 1) % target.vocab_size or 5, right]
+        else:
+            ids, branches = greedy, []
+        verdicts, caches = [], []
+        for edge in (fused, plain):
+            sid = _open(edge, target, s)
+            assert (edge.sessions[sid].state is None) == (edge is fused)  # fused: nothing computed yet
+            bad = VerifyRequest(sid, 1, ids, committed_len=0, last_token=-1, branches=branches)  # wrong seq
+            assert isinstance(edge.process([Frame(encode(bad))])[0][0][0], ErrorReply)
+            assert (edge.sessions[sid].state is None) == (edge is fused)  # refused: still pending
+            block = VerifyRequest(sid, 0, ids, committed_len=0, last_token=-1, branches=branches)
+            verdict = edge.process([Frame(encode(block))])[0][0][0]
+            assert isinstance(verdict, VerifyResponse)
+            nxt = VerifyRequest(sid, 1, [5, 6], committed_len=verdict.num_accepted + 1, last_token=verdict.token)
+            verdicts.append((verdict.num_accepted, verdict.token, verdict.leaf, edge.process([Frame(encode(nxt))])[0]))
+            caches.append(edge.sessions[sid])
+        (a_n, a_tok, a_leaf, a_next), (b_n, b_tok, b_leaf, b_next) = verdicts
+        assert (a_n, a_tok, a_leaf) == (b_n, b_tok, b_leaf)
+        assert (a_next[0][0].num_accepted, a_next[0][0].token) == (b_next[0][0].num_accepted, b_next[0][0].token)
+        assert caches[0].state.seq_len == caches[1].state.seq_len and caches[0].committed == caches[1].committed
+        torch.testing.assert_close(caches[0].last_logits, caches[1].last_logits, atol=1e-4, rtol=1e-4)
+        if i == 0:
+            assert a_n == 4 and a_leaf == 4  # the branch's path was accepted
+    assert fused.stats.fused_prefills == 3 and plain.stats.fused_prefills == 0
+    assert fused.stats.forwards == 3 + 3 and plain.stats.forwards == 3 + 3 + 3  # open + round 0 in one forward
+    assert 0 < fused.stats.prefill_s <= fused.stats.busy_s and fused.stats.verify_rounds == plain.stats.verify_rounds
+    # an OpenSession and its first block in the same batch: the block waits for the open (second pass), one forward
+    s = samples[1]
+    ids = target.prepare(s.image(), s.question).input_ids.tolist()
+    sid = new_session_id()
+    opened = OpenSession(sid, "covspec", ids, png_bytes(s.image()), "png", 0.0, 1.0, 32, 3, 4)
+    block = VerifyRequest(sid, 0, _greedy_blocks(target, s, 5), committed_len=0, last_token=-1)
+    forwards = fused.stats.forwards
+    replies = fused.process([Frame(encode(opened)), Frame(encode(block))])
+    assert isinstance(replies[0][0][0], SessionOpened) and isinstance(replies[1][0][0], VerifyResponse)
+    assert fused.stats.forwards == forwards + 1
+    # target_only streams start decoding at once: their prefill is never deferred
+    assert fused.sessions[_open(fused, target, s, method="target_only")].state is not None

@@ -105,3 +105,23 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a checkpoint directory"):
         resolve_path(str(tmp_path / "empty"), key="models.draft.path")
+
+
+def test_prefill_fused_equals_prefill_then_forward(toy_target):
+    """The edge's first round in one forward (prompt + block, chain or token tree) equals prefill, then verify."""
+    from covspec.models import checks as C
+
+    for sample in load_split("test", 2, offset=3):
+        C.check_prefill_fused(toy_target, toy_target.prepare(sample.image(), sample.question))
+    with pytest.raises(C.CheckFailed, match="block rows"):  # the check can fail: a wrong position is caught
+        original = toy_target.prefill_fused
+
+        def shifted(inputs, tokens, parents=None):
+            state, rows = original(inputs, tokens[[1, 0, *range(2, len(tokens))]], parents)
+            return state, rows
+
+        toy_target.prefill_fused = shifted
+        try:
+            C.check_prefill_fused(toy_target, toy_target.prepare(sample.image(), sample.question))
+        finally:
+            del toy_target.prefill_fused

@@ -191,7 +191,10 @@ def _reply(edge, frame: bytes):
 
 
 def _snapshot(edge, sid):
+    """A session's state; a session whose prefill waits for its first block (fused prefill) has no cache yet."""
     s = edge.sessions[sid]
+    if s.state is None:
+        return (s.seq, list(s.committed), s.length, None, torch.zeros(0))
     return (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len, s.last_logits.clone())
 
 
@@ -212,9 +215,12 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused prefill", "separate prefill"])
 @pytest.mark.parametrize("case", BAD_REQUESTS)
-def test_bad_request_gets_error_reply_and_changes_nothing(tiny_edge, case):
-    target, edge = tiny_edge
+def test_bad_request_gets_error_reply_and_changes_nothing(tiny_edge, case, fused):
+    """Refused on a session whose prefill waits for the first block (the default) and on a prefilled one."""
+    target, _ = tiny_edge
+    edge = Edge(target, fuse_prefill=fused)
     sample = load_split("test", 1)[0]
     sid = _open(edge, target, sample)
     before = _snapshot(edge, sid)

@@ -57,7 +57,7 @@ class StatsBoard:
 
 
 _SUMMED = ("busy_s", "cpu_s", "thread_cpu_s", "prefill_s", "prefill_cpu_s", "prefill_thread_cpu_s", "forward_s",
-           "forwards", "verify_rounds", "decode_steps", "errors", "batches")  # fmt: skip
+           "forwards", "fused_prefills", "verify_rounds", "decode_steps", "errors", "batches")  # fmt: skip
 
 
 def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +154,8 @@ class EdgeServer:
         torch.set_num_threads(cfg.cluster.edge_threads)
         m = cfg.models.target
         self.edge = Edge(load_adapter(m.path, m.dtype, m.device, key="models.target.path"),
-                         session_ttl_s=cfg.cluster.session_ttl_s)  # fmt: skip
+                         session_ttl_s=cfg.cluster.session_ttl_s,
+                         fuse_prefill=cfg.verification.fuse_prefill)  # fmt: skip
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's; the engine thread started below inherits it
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None

@@ -86,6 +86,18 @@ def tree_mask(parents: list[int], past: int, key_bias: torch.Tensor | None, dtyp
     return mask[None, None]
 
 
+def fused_tree_mask(length: int, parents: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The 4-D additive mask [1, 1, L + k, L + k] of a prompt of ``length`` L followed by a token tree of k nodes in
+    one forward (``prefill_fused``): causal over the prompt; each node sees the whole prompt, its ancestors and
+    itself (as ``tree_mask`` after a prefilled cache)."""
+    k = len(parents)
+    mask = torch.full((length + k, length + k), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:length, :length].triu_(1)  # zeros on and below the diagonal: the causal prompt
+    mask[length:, :length] = 0
+    mask[length:, length:] = tree_mask(parents, 0, None, dtype, device)[0, 0]
+    return mask[None, None]
+
+
 def tree_offsets(parents: list[int] | None, k: int, device: torch.device | str) -> torch.Tensor:
     """[k] position offsets of k new tokens: 0..k-1 for a chain (``parents`` None), each node's depth in a tree."""
     if parents is None:

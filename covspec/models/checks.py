@@ -13,6 +13,8 @@ Each check runs one property on one adapter and raises ``CheckFailed`` (an ``Ass
 - ``check_tree_verify``: scoring a token tree in one forward gives each node the logits of the chain to it, and
   keeping one path's cache entries (``kvcache.keep_nodes``) leaves the cache of that chain (alone, batched with a
   chain session, and after a merged-pruned prefill);
+- ``check_prefill_fused``: the prompt and a first block (chain or tree) in one forward equal ``prefill`` then
+  ``forward``, and the state continues alike;
 - ``check_engine_greedy``: covspec greedy through the in-process engine equals target-only greedy.
 
 ``step_timings`` measures prefill, one decode step and a k-token verification (medians, device-synchronized).
@@ -246,6 +248,40 @@ def check_tree_verify(
         ref_b, _ = adapter.prefill(other)
         diff = max(diff, _close("batched tree session", got[0], adapter.forward(ref_a, tokens, parents), atol))
         diff = max(diff, _close("batched chain session", got[1], adapter.forward(ref_b, tokens[:3]), atol))
+    return diff
+
+
+def check_prefill_fused(
+    adapter: VLMAdapter, inputs: PromptInputs, tokens: torch.Tensor = TREE_TOKENS, parents: list[int] = TREE_PARENTS,
+    atol: float = 1e-4,
+) -> float:  # fmt: skip
+    """``prefill_fused`` (the prompt and a first block in one forward) equals ``prefill`` then ``forward``, for a chain
+    and a token tree: the prompt's last row, the block's rows, the state's lengths, and the next step after cropping
+    (chain) or ``keep_nodes`` on a path (tree)."""
+    from covspec.decoding.tree import path_to
+    from covspec.models.kvcache import keep_nodes
+
+    diff = 0.0
+    for label, tree in (("chain", None), ("tree", parents)):
+        state, rows = adapter.prefill_fused(inputs, tokens, tree)
+        ref, last = adapter.prefill(inputs)
+        base = ref.seq_len
+        ref_rows = adapter.forward(ref, tokens, tree)
+        if rows.shape[0] != len(tokens) + 1:
+            raise CheckFailed(f"fused {label}: {rows.shape[0]} rows for {len(tokens)} tokens (expected k + 1)")
+        diff = max(diff, _close(f"fused {label}: prompt row", rows[0], last, atol))
+        diff = max(diff, _close(f"fused {label}: block rows", rows[1:], ref_rows, atol))
+        if (state.seq_len, state.cache_len) != (ref.seq_len, ref.cache_len):
+            raise CheckFailed(f"fused {label}: state has {state.seq_len} positions, prefill + forward {ref.seq_len}")
+        if tree is None:
+            adapter.rollback(state, base + 2)
+            adapter.rollback(ref, base + 2)
+        else:
+            keep_nodes(state, base, path_to(tree, 4))
+            keep_nodes(ref, base, path_to(tree, 4))
+        nxt = tokens[:2]
+        diff = max(diff, _close(f"fused {label}: step after the crop", adapter.forward(state, nxt),
+                                adapter.forward(ref, nxt), atol))  # fmt: skip
     return diff
 
 

@@ -21,6 +21,7 @@ from covspec.models.base import (
     biased_causal_mask,
     decode_mask,
     eos_id_list,
+    fused_tree_mask,
     merge_bias,
     require_unbiased,
     tree_offsets,
@@ -175,6 +176,36 @@ class LlavaAdapter:
                 own.update(merged.keys[i : i + 1, :, width - n :], merged.values[i : i + 1, :, width - n :], layer_idx)
             results.append((DecodeState(cache=own, seq_len=n), out.logits[i, -1]))
         return results
+
+    @torch.inference_mode()
+    def prefill_fused(
+        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """Unpruned prefill and the scoring of a first block in **one** forward: ``prefill`` then ``forward(state,
+        token_ids, parents)``, without the second forward's fixed cost (the edge's first verification round).
+
+        The prompt rows attend causally, the block's rows to the whole prompt and (a token tree, ``parents``) to their
+        ancestors, at their depth's positions. Equal to the two calls up to float rounding.
+
+        Returns:
+            The state (prompt + k entries, as after ``forward``) and logits [k + 1, V]: row 0 at the last prompt
+            position (``prefill``'s), row i + 1 after token i (``forward``'s row i).
+        """
+        embeds = self.embed(inputs)  # [L, H]
+        length, k = int(embeds.shape[0]), int(token_ids.shape[0])
+        block = self.model.get_input_embeddings()(token_ids.to(self.device)).to(embeds.dtype)
+        offsets = tree_offsets(parents, k, self.device)
+        positions = torch.cat([torch.arange(length, device=self.device), length + offsets])
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            inputs_embeds=torch.cat([embeds, block])[None],
+            position_ids=positions[None],
+            attention_mask=None if parents is None else fused_tree_mask(length, parents, embeds.dtype, self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=k + 1,
+        )
+        return DecodeState(cache=cache, seq_len=length + k), out.logits[0]
 
     @staticmethod
     def kept_positions(inputs: PromptInputs, keep: torch.Tensor) -> torch.Tensor:

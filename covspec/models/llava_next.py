@@ -91,6 +91,12 @@ class LlavaNextAdapter(LlavaAdapter):
         state = DecodeState(cache=cache, seq_len=int(inputs.input_ids.shape[0]))
         return state, out.logits[0, -1, : self.vocab_size]
 
+    def prefill_fused(
+        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
+        state, logits = super().prefill_fused(inputs, token_ids, parents)  # packed visual features, 1-D positions
+        return state, logits[:, : self.vocab_size]
+
     def forward(self, state: DecodeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
         return super().forward(state, token_ids, parents)[:, : self.vocab_size]
 

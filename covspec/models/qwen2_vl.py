@@ -28,6 +28,7 @@ from covspec.models.base import (
     biased_causal_mask,
     decode_mask,
     eos_id_list,
+    fused_tree_mask,
     merge_bias,
     require_unbiased,
     tree_offsets,
@@ -199,6 +200,33 @@ class Qwen2VLAdapter:
             kept = int(rows.shape[0])
         state = MRopeState(cache=cache, seq_len=length, pruned=length - kept, key_bias=bias, rope_delta=rope_delta)
         return state, out.logits[0, -1, : self.vocab_size]
+
+    @torch.inference_mode()
+    def prefill_fused(
+        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
+    ) -> tuple[MRopeState, torch.Tensor]:
+        """Unpruned prefill and a first block in one forward (``LlavaAdapter.prefill_fused``), the block's rows at
+        ``L + rope_delta`` + their depth on all three M-RoPE rows, as ``forward`` would place them.
+
+        Returns:
+            The state and logits [k + 1, V] (row 0: the last prompt position).
+        """
+        positions, rope_delta = self.mrope(inputs)  # [3, L]
+        embeds = self.embed(inputs)
+        length, k = int(embeds.shape[0]), int(token_ids.shape[0])
+        block = self.model.get_input_embeddings()(token_ids.to(self.device)).to(embeds.dtype)
+        after = length + rope_delta + tree_offsets(parents, k, self.device)  # [k]
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            inputs_embeds=torch.cat([embeds, block])[None],
+            position_ids=torch.cat([positions, after.expand(3, k)], dim=1)[:, None],
+            attention_mask=None if parents is None else fused_tree_mask(length, parents, embeds.dtype, self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=k + 1,
+        )
+        state = MRopeState(cache=cache, seq_len=length + k, rope_delta=rope_delta)
+        return state, out.logits[0, :, : self.vocab_size]
 
     def _positions(self, state: MRopeState, k: int) -> torch.Tensor:
         """[k] positions of the next k tokens (the same on the three M-RoPE rows)."""

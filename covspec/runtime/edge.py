@@ -107,8 +107,8 @@ class Session:
     top_p: float
     max_new_tokens: int
     num_candidates: int
-    state: DecodeState
-    last_logits: torch.Tensor  # [V] target logits at the end of the cache
+    state: DecodeState | None  # None while the prefill waits for the first block (``opening``)
+    last_logits: torch.Tensor | None  # [V] target logits at the end of the cache (None with ``state``)
     generator: torch.Generator
     peer: str = ""
     committed: list[int] = field(default_factory=list)  # fed into the target cache
@@ -117,10 +117,16 @@ class Session:
     more_requests: int = 0
     verified: int = 0  # rounds verified by this session (0 for a freshly reopened one)
     last_used: float = field(default_factory=time.monotonic)
+    opening: PromptInputs | None = None  # fused prefill: the checked prompt, prefilled with the first block
 
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def length(self) -> int:
+        """Positions in the target cache (or that the pending prefill will put there)."""
+        return self.state.seq_len if self.state is not None else int(self.opening.input_ids.shape[0])
 
 
 @dataclass
@@ -133,6 +139,7 @@ class EdgeStats:
     prefill_thread_cpu_s: float = 0.0  # CPU time of the calling thread during those prefills
     forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
+    fused_prefills: int = 0  # prefills that scored the session's first block in the same forward (in prefill_s)
     verify_rounds: int = 0
     decode_steps: int = 0  # target_only tokens decoded
     errors: int = 0
@@ -149,6 +156,7 @@ class EdgeStats:
             "prefill_thread_cpu_s": self.prefill_thread_cpu_s,
             "forward_s": self.forward_s,
             "forwards": self.forwards,
+            "fused_prefills": self.fused_prefills,
             "verify_rounds": self.verify_rounds,
             "decode_steps": self.decode_steps,
             "errors": self.errors,
@@ -176,6 +184,7 @@ class _Job:
     tokens: list[int]
     finish: Callable[[torch.Tensor], list[Message]]
     parents: list[int] | None = None  # a token tree over ``tokens`` (covspec.decoding.tree); None: a chain
+    msg: Message | None = None  # the frame (error replies name its session and seq)
 
 
 class Edge:
@@ -183,17 +192,28 @@ class Edge:
 
     Thread-safe: one batch is processed at a time (one model, one compute stream).
 
+    **Fused prefill** (``fuse_prefill``, on by default; adapters with ``prefill_fused``): a speculative session's
+    OpenSession is checked and answered at once, and its prefill waits for the session's first block, which the
+    target then scores in the same forward as the prompt. A device drafts its first block while its OpenSession
+    travels, so the block follows within a draft's time; one forward instead of two saves the second forward's
+    fixed cost and its share of the edge's busy time (the edge's first verification round is nearly free), at the
+    price of no longer overlapping the target prefill with that drafting. target_only streams and lossy
+    prune-target sessions are prefilled at once as before; a session asked for candidates before any block
+    (a reopened correction) is prefilled then.
+
     Args:
         target: the target VLM adapter (``forward_batch`` is used when it has one).
         session_ttl_s: sessions idle for longer are dropped (the device reopens them).
+        fuse_prefill: defer speculative sessions' prefills to their first block (above).
     """
 
-    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0) -> None:
+    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0, fuse_prefill: bool = True) -> None:
         self.target = target
         self.vocab_size = target.vocab_size
         self.sessions: dict[str, Session] = {}
         self.seen_ids: set[str] = set()
         self.session_ttl_s = session_ttl_s
+        self.fuse_prefill = fuse_prefill and hasattr(target, "prefill_fused")
         self.stats = EdgeStats()
         self._lock = threading.Lock()
 
@@ -267,6 +287,7 @@ class Edge:
             msg = decode(item.payload, expected=UP_MESSAGES)
             if isinstance(msg, OpenSession):
                 opens.append(self._open_check(msg, item.peer, out))
+                busy.add(msg.session_id)  # its first block, if in this batch, follows in the next pass
                 return None
             session = self._session(msg.session_id, item.peer, busy, deferred, i)
             if session is None:
@@ -287,15 +308,16 @@ class Edge:
     def _session(
         self, sid: str, peer: str, busy: set[str], deferred: list[int], i: int, step: bool = False
     ) -> Session | None:
-        """The live session ``sid`` of ``peer``; None (item deferred) when it is already in this pass's forward."""
+        """The live session ``sid`` of ``peer``; None (item deferred) when it is already in this pass's forward or
+        opened in this pass."""
+        if sid in busy:
+            deferred.append(i)
+            return None
         session = self.sessions.get(sid)
         if session is None or session.peer != peer:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {sid!r} (expired or never opened)")
         if step and session.method != "target_only":
             raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, f"session {sid!r} is not a target_only stream")
-        if sid in busy:
-            deferred.append(i)
-            return None
         return session
 
     def drop(self, session_id: str) -> None:
@@ -310,7 +332,10 @@ class Edge:
             del self.sessions[sid]
 
     def _run_jobs(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
-        """One target forward for every job (batched when there are several), then each job's finish."""
+        """One target forward for every job (batched when there are several), then each job's finish; a session
+        whose prefill waits for its first block gets one fused forward of its own (``_run_fused``)."""
+        for i in [i for i, job in jobs.items() if job.session.state is None]:
+            self._run_fused(jobs.pop(i), replies[i])
         if not jobs:
             return
         items = list(jobs.items())
@@ -330,6 +355,46 @@ class Edge:
         for (i, job), rows in zip(items, logits, strict=True):
             # Decisions run on the host, in float32 (CPU generators; the wire carries float32 anyway).
             replies[i].extend(job.finish(rows.float().cpu()))
+
+    def _run_fused(self, job: _Job, out: list[Message]) -> None:
+        """Prefill a pending session and score its first block in one forward (``prefill_fused``); timed as a
+        prefill. A prompt the model refuses fails the session (error reply, session dropped)."""
+        s = job.session
+        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        try:
+            state, rows = self.target.prefill_fused(s.opening, torch.tensor(job.tokens), job.parents)
+        except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
+            self.stats.errors += 1
+            out.append(error_reply(self._prefill_failed(s, exc), job.msg))
+            return
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t
+            self.stats.prefill_thread_cpu_s += time.thread_time() - thread
+            self.stats.prefill_cpu_s += time.process_time() - cpu
+        self.stats.forwards += 1
+        self.stats.fused_prefills += 1
+        rows = rows.float().cpu()
+        s.state, s.last_logits, s.opening = state, rows[0], None
+        out.extend(job.finish(rows[1:]))
+
+    def _prefill_now(self, s: Session) -> None:
+        """Prefill a pending session on its own (it needs its target row before any block arrives)."""
+        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        try:
+            s.state, logits = self.target.prefill(s.opening)
+        except (ValueError, RuntimeError) as exc:
+            raise self._prefill_failed(s, exc) from exc
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t
+            self.stats.prefill_thread_cpu_s += time.thread_time() - thread
+            self.stats.prefill_cpu_s += time.process_time() - cpu
+        self.stats.forwards += 1
+        s.last_logits, s.opening = logits.float().cpu(), None
+
+    def _prefill_failed(self, s: Session, exc: Exception) -> ProtocolError:
+        """A pending session whose prompt the model refused is dropped; the error to answer with."""
+        self.sessions.pop(s.session_id, None)
+        return ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {str(exc).splitlines()[0]}")
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -365,6 +430,13 @@ class Edge:
         """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
         if not opens:
             return
+        if self.fuse_prefill:  # speculative sessions wait for their first block (see the class docstring)
+            deferred = [o for o in opens if o.keep is None and o.msg.method != "target_only"]
+            for o in deferred:
+                self._open_session(o, None, None)
+            opens = [o for o in opens if not any(o is d for d in deferred)]
+            if not opens:
+                return
         t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
         results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(opens)
         plain = [i for i, o in enumerate(opens) if o.keep is None]
@@ -386,26 +458,31 @@ class Edge:
                                                        f"{str(exc).splitlines()[0]}"), o.msg))  # fmt: skip
                 continue
             state, logits = results[i]
-            logits = logits.float().cpu()
-            msg = o.msg
-            self.sessions[msg.session_id] = Session(
-                session_id=msg.session_id,
-                method=msg.method,
-                temperature=msg.temperature,
-                top_p=msg.top_p,
-                max_new_tokens=msg.max_new_tokens,
-                num_candidates=msg.num_candidates,
-                state=state,
-                last_logits=logits,
-                generator=torch.Generator().manual_seed(msg.seed + len(msg.committed)),
-                peer=o.peer,
-                committed=list(msg.committed),
-                seq=msg.seq,
-            )
-            o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
+            self._open_session(o, state, logits.float().cpu())
         self.stats.prefill_s += time.perf_counter() - t
         self.stats.prefill_thread_cpu_s += time.thread_time() - thread
         self.stats.prefill_cpu_s += time.process_time() - cpu
+
+    def _open_session(self, o: _Open, state: DecodeState | None, logits: torch.Tensor | None) -> None:
+        """Register the session of a checked OpenSession (prefilled, or waiting for its first block: ``state``
+        None) and answer it."""
+        msg = o.msg
+        self.sessions[msg.session_id] = Session(
+            session_id=msg.session_id,
+            method=msg.method,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            max_new_tokens=msg.max_new_tokens,
+            num_candidates=msg.num_candidates,
+            state=state,
+            last_logits=logits,
+            generator=torch.Generator().manual_seed(msg.seed + len(msg.committed)),
+            peer=o.peer,
+            committed=list(msg.committed),
+            seq=msg.seq,
+            opening=o.inputs if state is None else None,
+        )
+        o.out.append(SessionOpened(msg.session_id, self.vocab_size, sorted(self.target.eos_token_ids)))
 
     def _kept(self, msg: OpenSession, num_visual: int) -> torch.Tensor | None:
         """The target's kept visual tokens (lossy prune-target mode), or None for all; ``decode`` checked the order."""
@@ -481,14 +558,14 @@ class Edge:
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
         prefix = [] if msg.last_token < 0 else [msg.last_token]
-        base_len = s.state.seq_len
+        base_len = s.length
 
         def finish(logits: torch.Tensor) -> list[Message]:  # [c + k, V]
             return [self._verify_finish(s, msg, tree, prefix, base_len, logits, q if s.sampling else None)]
 
         # A tree's job: the carried token (if any) first, the drafted tree hanging from it (-1 + c: after it).
         job_tree = None if tree is None else [*chain(len(prefix)), *(p + len(prefix) for p in tree)]
-        return _Job(s, prefix + list(msg.draft_ids), finish, job_tree)
+        return _Job(s, prefix + list(msg.draft_ids), finish, job_tree, msg)
 
     def _verify_finish(
         self, s: Session, msg: VerifyRequest, tree: list[int] | None, prefix: list[int], base_len: int,
@@ -575,6 +652,8 @@ class Edge:
         check_against(msg, self.vocab_size, mode=s.method, expected_seq=s.seq - 1)
         exp = s.expected
         if exp is None and s.sampling and s.seq > 0 and s.verified == 0:  # resuming a correction after a reopen
+            if s.state is None:  # its prefill was waiting for a block: the row is needed now
+                self._prefill_now(s)
             exp = Expected(p_row=probs_from_logits(s.last_logits.float(), s.temperature, s.top_p))
         if exp is None or exp.p_row is None:  # MoreCandidates is refused outside covspec sessions already
             raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "MoreCandidates but no candidates are outstanding")

@@ -44,7 +44,7 @@ def _serve_link(edge, conn: Connection, peer: str) -> None:
 
 
 def _edge_main(target: tuple[str, str, str], threads: int, session_ttl_s: float, conns: list[Connection],
-               ready: Connection) -> None:  # fmt: skip
+               ready: Connection, fuse_prefill: bool = True) -> None:  # fmt: skip
     """The child: load the target, report ready (or the error), serve every link until its pipe closes."""
     try:
         import torch
@@ -54,7 +54,8 @@ def _edge_main(target: tuple[str, str, str], threads: int, session_ttl_s: float,
 
         torch.set_num_threads(threads)
         path, dtype, device = target
-        edge = Edge(load_adapter(path, dtype, device, key="models.target.path"), session_ttl_s=session_ttl_s)
+        edge = Edge(load_adapter(path, dtype, device, key="models.target.path"), session_ttl_s=session_ttl_s,
+                    fuse_prefill=fuse_prefill)  # fmt: skip
     except Exception as exc:  # reported to the parent, which raises it with the message
         ready.send_bytes(f"error: {exc}".encode())
         return
@@ -80,7 +81,8 @@ class EdgeProcess:
     """
 
     def __init__(self, path: str, links: int, dtype: str = "float32", device: str = "cpu", threads: int = 1,
-                 session_ttl_s: float = 600.0, start_timeout_s: float = START_TIMEOUT_S) -> None:  # fmt: skip
+                 session_ttl_s: float = 600.0, start_timeout_s: float = START_TIMEOUT_S,
+                 fuse_prefill: bool = True) -> None:  # fmt: skip
         if links < 1:
             raise ValueError(f"links must be >= 1, got {links}")
         path = resolve_path(path, key="models.target.path")  # a missing checkpoint fails here, before the spawn
@@ -89,7 +91,14 @@ class EdgeProcess:
         ready_recv, ready_send = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=_edge_main,
-            args=((path, dtype, device), threads, session_ttl_s, [child for _, child in pairs], ready_send),
+            args=(
+                (path, dtype, device),
+                threads,
+                session_ttl_s,
+                [child for _, child in pairs],
+                ready_send,
+                fuse_prefill,
+            ),
             name="covspec-edge",
             daemon=True,
         )

@@ -127,7 +127,8 @@ class LocalEngine:
         t = self.cfg.models.target
         cluster = self.cfg.cluster
         self.remote = EdgeProcess(t.path, links=1, dtype=t.dtype, device=t.device, threads=cluster.edge_threads,
-                                  session_ttl_s=cluster.session_ttl_s)  # fmt: skip
+                                  session_ttl_s=cluster.session_ttl_s,
+                                  fuse_prefill=self.cfg.verification.fuse_prefill)  # fmt: skip
 
     def close(self) -> None:
         if self.remote is not None:
@@ -149,7 +150,7 @@ class LocalEngine:
         target = load_adapter(m.target.path, m.target.dtype, m.target.device, key="models.target.path")
         draft = load_adapter(m.draft.path, m.draft.dtype, m.draft.device, key="models.draft.path")
         check_pair(target, draft)
-        return cls(cfg, target, draft, Edge(target))
+        return cls(cfg, target, draft, Edge(target, fuse_prefill=cfg.verification.fuse_prefill))
 
     def run(
         self,
