@@ -11,12 +11,15 @@ Prints medians: ms per batch, verified (scored) tokens per second, and the ratio
 ratio: batch b against batch 1 within each repeat (timed moments apart), median and quartiles over the repeats, which
 the shared host's drift between repeats does not move.
 
-It also times batched prefills and derives **edge capacity at saturation** (the edge always has B requests
-waiting) from these costs: target_only makes 1 token per session per decode step; a speculative method makes tau
-tokens per verification round (its mean accepted length); each request also pays one prefill. With N tokens per
-request, capacity = B N / (t_prefill(B) + N t_decode(B)) for target_only and B N / (t_prefill(B) + (N / tau)
-t_verify(B)) for the speculative method. tau and N come from a ``covspec run`` (``--run results/<run_id>``: its
-summary.json, method covspec) or ``--tau`` / ``--tokens``.
+It also times batched prefills, and batched *fused* prefills (each prompt with a first block of k tokens in the same
+forward, as the edge runs a speculative session's first round: ``verification.fuse_prefill``), and derives **edge
+capacity at saturation** (the edge always has B requests waiting) from these costs: target_only makes 1 token per
+session per decode step; a speculative method makes tau tokens per verification round (its mean accepted length);
+each request also pays one prefill. With N tokens per request, capacity = B N / (t_prefill(B) + N t_decode(B)) for
+target_only; B N / (t_fused(B) + (N / tau - 1) t_verify(B)) for the speculative method with its first round fused
+into the prefill (the default), and B N / (t_prefill(B) + (N / tau) t_verify(B)) with a separate prefill. tau and N
+come from a ``covspec run`` (``--run results/<run_id>``: its summary.json, method covspec) or ``--tau`` /
+``--tokens``.
 """
 
 from __future__ import annotations
@@ -51,12 +54,13 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     m = cfg.models.target
     target = load_adapter(m.path, m.dtype, m.device, key="models.target.path")
-    edge = Edge(target)
+    edge = Edge(target, fuse_prefill=False)  # prefill, verify and decode: each its own forward
+    fusing = Edge(target, fuse_prefill=True)  # prefill + first block in one forward
     n = max(batches)
     samples = load_benchmark(cfg.data, seed=cfg.seed)
     samples = [samples[i % len(samples)] for i in range(n)]
     times: dict[tuple[str, int], list[float]] = {
-        (kind, b): [] for kind in ("verify", "decode", "prefill") for b in batches
+        (kind, b): [] for kind in ("verify", "decode", "prefill", "fused") for b in batches
     }
     for _ in range(repeats):
         for b in batches:
@@ -69,27 +73,29 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
             edge.process(opens)
             times[("prefill", b)].append(time.perf_counter() - t)
             edge.sessions.clear()
-            for kind, width in (("verify", k), ("decode", 1)):
-                sids = [_open(edge, target, s, 64) for s in samples[:b]]
+            for kind, width, on in (("verify", k, edge), ("decode", 1, edge), ("fused", k, fusing)):
+                sids = [_open(on, target, s, 64) for s in samples[:b]]  # fused: the prefill waits for the block
                 # a different draft per session: the rows are real tokens of the vocabulary
                 frames = [Frame(encode(VerifyRequest(sid, 0, [(7 * i + j) % 40 + 5 for j in range(width)],
                                                      committed_len=0, last_token=-1)))
                           for i, sid in enumerate(sids)]  # fmt: skip
                 t = time.perf_counter()
-                out = edge.process(frames)
+                out = on.process(frames)
                 times[(kind, b)].append(time.perf_counter() - t)
                 for replies in out:
                     for _msg, frame in replies:
                         if isinstance(decode(frame), ErrorReply):
                             raise RuntimeError(f"edge refused a benchmark frame: {decode(frame)}")
-                edge.sessions.clear()
+                on.sessions.clear()
+    if fusing.stats.fused_prefills != sum(batches) * repeats:
+        raise RuntimeError(f"{fusing.stats.fused_prefills} fused prefills, expected {sum(batches) * repeats}")
     rows = []
-    for kind, width in (("verify", k), ("decode", 1), ("prefill", 0)):
+    for kind, width in (("verify", k), ("decode", 1), ("prefill", 0), ("fused", 0)):
         base = None
         paired = paired_ratios({b: times[(kind, b)] for b in batches})
         for b in batches:
             med = statistics.median(times[(kind, b)])
-            tps = b * (width or 1) / med  # prefill: sessions per second
+            tps = b * (width or 1) / med  # prefill, fused: sessions per second
             base = base or tps
             rows.append({"kind": kind, "k": width, "batch": b, "ms": med * 1e3, "tokens_per_s": tps,
                          "vs_batch_1": tps / base, **paired[b]})  # fmt: skip
@@ -116,10 +122,12 @@ def saturation(rows: list[dict], tau: float, tokens: float) -> list[dict]:
     out = []
     for b in sorted({r["batch"] for r in rows}):
         target = b * tokens / (ms[("prefill", b)] + tokens * ms[("decode", b)])
-        spec = b * tokens / (ms[("prefill", b)] + tokens / tau * ms[("verify", b)])
+        spec = b * tokens / (ms[("fused", b)] + max(tokens / tau - 1, 0.0) * ms[("verify", b)])
+        separate = b * tokens / (ms[("prefill", b)] + tokens / tau * ms[("verify", b)])
         spec_decode = b * tau / ms[("verify", b)]  # prefill excluded
         target_decode = b / ms[("decode", b)]
         out.append({"batch": b, "target_only": target, "speculative": spec, "ratio": spec / target,
+                    "separate_prefill": separate, "ratio_separate": separate / target,
                     "ratio_decode_only": spec_decode / target_decode})  # fmt: skip
     return out
 
@@ -161,14 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kind']:8} {r['k']:>3} {r['batch']:>5} {r['ms']:>9.2f} {r['tokens_per_s']:>9.0f} "
               f"{r['vs_batch_1']:>9.2f}x {r['paired_vs_batch_1']:>10.2f}x [{r['paired_p25']:.2f}-"
               f"{r['paired_p75']:.2f}]")  # fmt: skip
-    print("(prefill: sessions per second; paired: batch b over batch 1 within each repeat, median over repeats)")
+    print(f"(prefill: sessions per second; fused: sessions per second, each prompt with a {args.k}-token first block "
+          "in the same forward; paired: batch b over batch 1 within each repeat, median over repeats)")  # fmt: skip
     tau, tokens = _from_run(args.run) if args.run else (args.tau, args.tokens)
     if tau and tokens:
         print(f"\nedge capacity at saturation (tokens per edge second), tau={tau:.2f}, {tokens:.1f} tokens/request:")
-        print(f"{'batch':>5} {'target_only':>12} {'speculative':>12} {'ratio':>7} {'ratio w/o prefill':>18}")
+        print(f"{'batch':>5} {'target_only':>12} {'speculative':>12} {'ratio':>7} {'separate prefill':>17} "
+              f"{'ratio':>7} {'ratio w/o prefill':>18}")  # fmt: skip
         for r in saturation(rows, tau, tokens):
-            print(f"{r['batch']:>5} {r['target_only']:>12.0f} {r['speculative']:>12.0f} {r['ratio']:>6.2f}x "
-                  f"{r['ratio_decode_only']:>17.2f}x")  # fmt: skip
+            print(
+                f"{r['batch']:>5} {r['target_only']:>12.0f} {r['speculative']:>12.0f} {r['ratio']:>6.2f}x "
+                f"{r['separate_prefill']:>17.0f} {r['ratio_separate']:>6.2f}x {r['ratio_decode_only']:>17.2f}x"
+            )
+        print(
+            "(speculative: the first round fused into the prefill, as the edge runs it; separate prefill: "
+            "prefill, then every round verified)"
+        )
     return 0
 
 

@@ -347,11 +347,13 @@ def test_edge_batching_pipeline_prints_costs_and_saturation_capacity(capsys):
     assert edge_batching.main(argv) == 0
     out = capsys.readouterr().out
     assert "verify" in out and "decode" in out and "prefill" in out and "edge capacity at saturation" in out
+    assert "fused" in out and "separate prefill" in out
     rows = [{"kind": k, "batch": b, "ms": ms} for k, b, ms in
-            (("verify", 1, 10.0), ("decode", 1, 5.0), ("prefill", 1, 20.0))]  # fmt: skip
+            (("verify", 1, 10.0), ("decode", 1, 5.0), ("prefill", 1, 20.0), ("fused", 1, 22.0))]  # fmt: skip
     (cap,) = edge_batching.saturation(rows, tau=4.0, tokens=10.0)
     assert cap["target_only"] == pytest.approx(10 / (0.020 + 10 * 0.005))
-    assert cap["speculative"] == pytest.approx(10 / (0.020 + 2.5 * 0.010))
+    assert cap["speculative"] == pytest.approx(10 / (0.022 + 1.5 * 0.010))  # the first of 2.5 rounds is fused
+    assert cap["separate_prefill"] == pytest.approx(10 / (0.020 + 2.5 * 0.010))
     assert cap["ratio_decode_only"] == pytest.approx((4 / 0.010) / (1 / 0.005))
     assert "paired" in out
     # paired ratios: batch 4 is 2x batch 1's throughput in every repeat although the host slowed 3x in the second
@@ -425,3 +427,14 @@ def test_fused_prefill_answers_the_first_round_as_a_separate_prefill_does(target
     assert fused.stats.forwards == forwards + 1
     # target_only streams start decoding at once: their prefill is never deferred
     assert fused.sessions[_open(fused, target, s, method="target_only")].state is not None
+    # several sessions' first blocks in one batch: one batched fused forward, the same verdicts as the plain edge
+    verdicts = []
+    for edge in (fused, plain):
+        sids = [_open(edge, target, s) for s in samples]
+        blocks = [_greedy_blocks(target, s, 3 + i) for i, s in enumerate(samples)]
+        before = edge.stats.forwards
+        out = edge.process([Frame(encode(VerifyRequest(sid, 0, b, committed_len=0, last_token=-1)))
+                            for sid, b in zip(sids, blocks, strict=True)])  # fmt: skip
+        verdicts.append([(r[0][0].num_accepted, r[0][0].token) for r in out])
+        assert edge.stats.forwards - before == 1
+    assert verdicts[0] == verdicts[1] and fused.stats.fused_prefills == 3 + 1 + 3

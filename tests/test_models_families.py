@@ -324,8 +324,9 @@ def test_gpu_smoke_reports_a_failing_check(monkeypatch, capsys):
 @pytest.mark.parametrize("family", NEW)
 def test_prefill_fused_equals_prefill_then_forward(adapters, prompts, family):
     target, _ = adapters[family]
-    for image, question in (prompts[0], prompts[2]):
-        C.check_prefill_fused(target, target.prepare(image, question))
+    square, wide = target.prepare(*prompts[0]), target.prepare(*prompts[2])
+    C.check_prefill_fused(target, square, wide)
+    C.check_prefill_fused(target, wide, square)
 
 
 @pytest.mark.parametrize("family", NEW)

@@ -111,9 +111,10 @@ def test_prefill_fused_equals_prefill_then_forward(toy_target):
     """The edge's first round in one forward (prompt + block, chain or token tree) equals prefill, then verify."""
     from covspec.models import checks as C
 
-    for sample in load_split("test", 2, offset=3):
-        C.check_prefill_fused(toy_target, toy_target.prepare(sample.image(), sample.question))
-    with pytest.raises(C.CheckFailed, match="block rows"):  # the check can fail: a wrong position is caught
+    a, b = (toy_target.prepare(s.image(), s.question) for s in load_split("test", 2, offset=3))
+    assert a.input_ids.shape != b.input_ids.shape  # prompts of different lengths: the batched rows are padded
+    C.check_prefill_fused(toy_target, a, b)
+    with pytest.raises(C.CheckFailed, match="block rows"):  # it can fail: a block scored in the wrong order
         original = toy_target.prefill_fused
 
         def shifted(inputs, tokens, parents=None):
@@ -122,6 +123,6 @@ def test_prefill_fused_equals_prefill_then_forward(toy_target):
 
         toy_target.prefill_fused = shifted
         try:
-            C.check_prefill_fused(toy_target, toy_target.prepare(sample.image(), sample.question))
+            C.check_prefill_fused(toy_target, a)
         finally:
             del toy_target.prefill_fused

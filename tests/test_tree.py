@@ -219,7 +219,8 @@ def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
     sid = _open(edge, target, sample)
     eos = target.eos_token_id
     s = edge.sessions[sid]
-    before = (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len)
+    before = (s.seq, list(s.committed), s.length, s.state)  # the prefill waits for the first block (fused prefill)
+    assert s.state is None
     bad = {
         "attach after": VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1, branches=[1, 1]),
         "siblings": VerifyRequest(sid, 0, [5, 5], committed_len=0, last_token=-1, branches=[-1, 1]),
@@ -231,7 +232,7 @@ def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
     for name, msg in bad.items():
         reply = _ask(edge, msg)
         assert isinstance(reply, ErrorReply), name
-        assert (s.seq, list(s.committed), s.state.seq_len, s.state.cache_len) == before, name
+        assert (s.seq, list(s.committed), s.length, s.state) == before, name
     wide = VerifyRequest(sid, 0, list(range(3, 20)), committed_len=0, last_token=-1, branches=[-1, 1] * 16)
     assert isinstance(_ask(edge, wide), VerifyResponse)  # 17 nodes but depth 1: within max_new_tokens = 16
 

@@ -252,12 +252,14 @@ def check_tree_verify(
 
 
 def check_prefill_fused(
-    adapter: VLMAdapter, inputs: PromptInputs, tokens: torch.Tensor = TREE_TOKENS, parents: list[int] = TREE_PARENTS,
-    atol: float = 1e-4,
+    adapter: VLMAdapter, inputs: PromptInputs, other: PromptInputs | None = None, tokens: torch.Tensor = TREE_TOKENS,
+    parents: list[int] = TREE_PARENTS, atol: float = 1e-4,
 ) -> float:  # fmt: skip
     """``prefill_fused`` (the prompt and a first block in one forward) equals ``prefill`` then ``forward``, for a chain
     and a token tree: the prompt's last row, the block's rows, the state's lengths, and the next step after cropping
-    (chain) or ``keep_nodes`` on a path (tree)."""
+    (chain) or ``keep_nodes`` on a path (tree). With ``other`` (a prompt of another length) and an adapter that has
+    ``prefill_fused_batch``: both prompts in one batched forward (a tree and a shorter chain) equal each alone, and
+    each state continues alike."""
     from covspec.decoding.tree import path_to
     from covspec.models.kvcache import keep_nodes
 
@@ -281,6 +283,18 @@ def check_prefill_fused(
             keep_nodes(ref, base, path_to(tree, 4))
         nxt = tokens[:2]
         diff = max(diff, _close(f"fused {label}: step after the crop", adapter.forward(state, nxt),
+                                adapter.forward(ref, nxt), atol))  # fmt: skip
+    if other is None or not hasattr(adapter, "prefill_fused_batch"):
+        return diff
+    blocks, trees = [tokens, tokens[:3]], [parents, None]
+    got = adapter.prefill_fused_batch([inputs, other], blocks, trees)
+    for i, (x, (state, rows)) in enumerate(zip((inputs, other), got, strict=True)):
+        ref, ref_rows = adapter.prefill_fused(x, blocks[i], trees[i])
+        diff = max(diff, _close(f"batched fused row {i}", rows, ref_rows, atol))
+        if (state.seq_len, state.cache_len) != (ref.seq_len, ref.cache_len):
+            raise CheckFailed(f"batched fused row {i}: {state.seq_len} positions, alone {ref.seq_len}")
+        nxt = tokens[:2]
+        diff = max(diff, _close(f"batched fused row {i}: next step", adapter.forward(state, nxt),
                                 adapter.forward(ref, nxt), atol))  # fmt: skip
     return diff
 

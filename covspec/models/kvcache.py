@@ -134,6 +134,70 @@ def pad_batch(
     return PaddedBatch(ids, mask, positions, cache, past, lengths, width)
 
 
+@dataclass
+class FusedBatch:
+    """Several prompts, each followed by its first block, as one batched forward's inputs (:func:`pad_fused`)."""
+
+    embeds: torch.Tensor  # [B, width, H], left-padded
+    positions: torch.Tensor  # [P, B, width]: each row's positions (P = 1, or 3 for M-RoPE); 0 on the pad
+    mask: torch.Tensor  # [B, width] 2-D (chains only) or [B, 1, width, width] additive (any token tree)
+    totals: list[int]  # L_i + k_i
+    lengths: list[int]  # k_i
+    width: int
+
+
+def pad_fused(
+    embeds: list[torch.Tensor], positions: list[torch.Tensor], parents: list[list[int] | None], lengths: list[int],
+    dtype: torch.dtype,
+) -> FusedBatch:  # fmt: skip
+    """Inputs of one forward over prompts and their first blocks (``prefill_fused`` batched).
+
+    ``embeds[i]``: [L_i + k_i, H], the prompt's embeddings then the block's; ``positions[i]``: [P, L_i + k_i];
+    ``lengths[i]``: k_i; ``parents[i]``: the block's token tree or None (a chain). Rows are left-padded to one width,
+    so every row ends at the last column and the last k_i + 1 logits of row i are its own. Without trees the mask is
+    2-D (the model adds the causal part); with any tree it is 4-D: each row's prompt causal, its block's nodes seeing
+    the prompt and their ancestors (``covspec.models.base.fused_tree_mask``), pad queries only themselves (no row is
+    fully masked)."""
+    from covspec.models.base import fused_tree_mask
+
+    totals = [int(e.shape[0]) for e in embeds]
+    width, batch = max(totals), len(embeds)
+    device = embeds[0].device
+    out = embeds[0].new_zeros(batch, width, int(embeds[0].shape[-1]))
+    pos = torch.zeros(int(positions[0].shape[0]), batch, width, dtype=torch.long, device=device)
+    trees = any(p is not None for p in parents)
+    if trees:
+        mask = torch.full((batch, 1, width, width), torch.finfo(dtype).min, dtype=dtype, device=device)
+    else:
+        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for i, (e, p, tree, k) in enumerate(zip(embeds, positions, parents, lengths, strict=True)):
+        o = width - totals[i]
+        out[i, o:] = e
+        pos[:, i, o:] = p
+        if not trees:
+            mask[i, o:] = 1
+            continue
+        from covspec.decoding.tree import chain
+
+        mask[i, 0, o:, o:] = fused_tree_mask(totals[i] - k, tree if tree is not None else chain(k), dtype, device)[0, 0]
+        mask[i, 0, range(o), range(o)] = 0
+    return FusedBatch(out, pos, mask, totals, list(lengths), width)
+
+
+def split_fused(batch: FusedBatch, cache, config, logits: torch.Tensor) -> list[tuple[object, torch.Tensor]]:
+    """Per row: its own cache (views of the batched one, the left pad dropped) and its last k_i + 1 logits."""
+    from transformers import DynamicCache
+
+    out = []
+    for i, (total, k) in enumerate(zip(batch.totals, batch.lengths, strict=True)):
+        own = DynamicCache(config=config)
+        for layer_idx, merged in enumerate(cache.layers):
+            o = batch.width - total
+            own.update(merged.keys[i : i + 1, :, o:], merged.values[i : i + 1, :, o:], layer_idx)
+        out.append((own, logits[i, logits.shape[1] - (k + 1) :]))
+    return out
+
+
 def keep_nodes(state: DecodeState, start: int, nodes: list[int]) -> None:
     """Keep, of the cache entries from logical position ``start`` on, only those at offsets ``nodes`` (in order):
     after a token tree was scored, the accepted path's entries become a plain chain. Each kept entry was computed

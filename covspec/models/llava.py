@@ -207,6 +207,29 @@ class LlavaAdapter:
         )
         return DecodeState(cache=cache, seq_len=length + k), out.logits[0]
 
+    @torch.inference_mode()
+    def prefill_fused_batch(
+        self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
+    ) -> list[tuple[DecodeState, torch.Tensor]]:
+        """``prefill_fused`` for several prompts in one forward (rows left-padded: ``kvcache.pad_fused``); each
+        state holds its own rows of the batched cache. Equal to ``prefill_fused`` per prompt up to float rounding."""
+        embeds, positions, lengths = [], [], []
+        for x, toks, tree in zip(inputs, token_ids, parents, strict=True):
+            prompt = self.embed(x)
+            block = self.model.get_input_embeddings()(toks.to(self.device)).to(prompt.dtype)
+            n, k = int(prompt.shape[0]), int(toks.shape[0])
+            embeds.append(torch.cat([prompt, block]))
+            after = n + tree_offsets(tree, k, self.device)
+            positions.append(torch.cat([torch.arange(n, device=self.device), after])[None])
+            lengths.append(k)
+        b = kvcache.pad_fused(embeds, positions, parents, lengths, embeds[0].dtype)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=b.embeds, attention_mask=b.mask, position_ids=b.positions[0], cache=cache,
+                         use_cache=True, logits_to_keep=max(lengths) + 1)  # fmt: skip
+        return [(DecodeState(cache=own, seq_len=total), rows)
+                for (own, rows), total in zip(kvcache.split_fused(b, cache, self.model.config, out.logits), b.totals,
+                                              strict=True)]  # fmt: skip
+
     @staticmethod
     def kept_positions(inputs: PromptInputs, keep: torch.Tensor) -> torch.Tensor:
         """Sequence positions kept: every text position and the visual positions chosen by ``keep``."""

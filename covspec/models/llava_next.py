@@ -97,6 +97,12 @@ class LlavaNextAdapter(LlavaAdapter):
         state, logits = super().prefill_fused(inputs, token_ids, parents)  # packed visual features, 1-D positions
         return state, logits[:, : self.vocab_size]
 
+    def prefill_fused_batch(
+        self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
+    ) -> list[tuple[DecodeState, torch.Tensor]]:
+        return [(state, logits[:, : self.vocab_size])
+                for state, logits in super().prefill_fused_batch(inputs, token_ids, parents)]  # fmt: skip
+
     def forward(self, state: DecodeState, token_ids: torch.Tensor, parents: list[int] | None = None) -> torch.Tensor:
         return super().forward(state, token_ids, parents)[:, : self.vocab_size]
 

@@ -228,6 +228,30 @@ class Qwen2VLAdapter:
         state = MRopeState(cache=cache, seq_len=length + k, rope_delta=rope_delta)
         return state, out.logits[0, :, : self.vocab_size]
 
+    @torch.inference_mode()
+    def prefill_fused_batch(
+        self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
+    ) -> list[tuple[MRopeState, torch.Tensor]]:
+        """``prefill_fused`` for several prompts in one forward (``kvcache.pad_fused``, M-RoPE positions per row)."""
+        embeds, positions, lengths, deltas = [], [], [], []
+        for x, toks, tree in zip(inputs, token_ids, parents, strict=True):
+            prompt_positions, rope_delta = self.mrope(x)  # [3, L]
+            prompt = self.embed(x)
+            block = self.model.get_input_embeddings()(toks.to(self.device)).to(prompt.dtype)
+            n, k = int(prompt.shape[0]), int(toks.shape[0])
+            after = n + rope_delta + tree_offsets(tree, k, self.device)
+            embeds.append(torch.cat([prompt, block]))
+            positions.append(torch.cat([prompt_positions, after.expand(3, k)], dim=1))
+            lengths.append(k)
+            deltas.append(rope_delta)
+        b = kvcache.pad_fused(embeds, positions, parents, lengths, embeds[0].dtype)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=b.embeds, attention_mask=b.mask, position_ids=b.positions, cache=cache,
+                         use_cache=True, logits_to_keep=max(lengths) + 1)  # fmt: skip
+        split = kvcache.split_fused(b, cache, self.model.config, out.logits)
+        return [(MRopeState(cache=own, seq_len=total, rope_delta=delta), rows[:, : self.vocab_size])
+                for (own, rows), total, delta in zip(split, b.totals, deltas, strict=True)]  # fmt: skip
+
     def _positions(self, state: MRopeState, k: int) -> torch.Tensor:
         """[k] positions of the next k tokens (the same on the three M-RoPE rows)."""
         start = state.seq_len + state.rope_delta

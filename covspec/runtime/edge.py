@@ -332,10 +332,11 @@ class Edge:
             del self.sessions[sid]
 
     def _run_jobs(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
-        """One target forward for every job (batched when there are several), then each job's finish; a session
-        whose prefill waits for its first block gets one fused forward of its own (``_run_fused``)."""
-        for i in [i for i, job in jobs.items() if job.session.state is None]:
-            self._run_fused(jobs.pop(i), replies[i])
+        """One target forward for every job (batched when there are several), then each job's finish; sessions
+        whose prefill waits for their first block get one fused forward of their own (``_run_fused``)."""
+        fused = {i: jobs.pop(i) for i in [i for i, job in jobs.items() if job.session.state is None]}
+        if fused:
+            self._run_fused(fused, replies)
         if not jobs:
             return
         items = list(jobs.items())
@@ -356,26 +357,39 @@ class Edge:
             # Decisions run on the host, in float32 (CPU generators; the wire carries float32 anyway).
             replies[i].extend(job.finish(rows.float().cpu()))
 
-    def _run_fused(self, job: _Job, out: list[Message]) -> None:
-        """Prefill a pending session and score its first block in one forward (``prefill_fused``); timed as a
-        prefill. A prompt the model refuses fails the session (error reply, session dropped)."""
-        s = job.session
+    def _run_fused(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
+        """Prefill pending sessions and score their first blocks: one forward for all of them when the adapter
+        batches (``prefill_fused_batch``), else one each (``prefill_fused``); timed as prefill. A prompt the model
+        refuses fails its session (error reply, session dropped), found one by one if the batch fails."""
         t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
-        try:
-            state, rows = self.target.prefill_fused(s.opening, torch.tensor(job.tokens), job.parents)
-        except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
-            self.stats.errors += 1
-            out.append(error_reply(self._prefill_failed(s, exc), job.msg))
-            return
-        finally:
-            self.stats.prefill_s += time.perf_counter() - t
-            self.stats.prefill_thread_cpu_s += time.thread_time() - thread
-            self.stats.prefill_cpu_s += time.process_time() - cpu
-        self.stats.forwards += 1
-        self.stats.fused_prefills += 1
-        rows = rows.float().cpu()
-        s.state, s.last_logits, s.opening = state, rows[0], None
-        out.extend(job.finish(rows[1:]))
+        items = list(jobs.items())
+        results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(items)
+        if len(items) > 1 and hasattr(self.target, "prefill_fused_batch"):
+            try:
+                results = list(self.target.prefill_fused_batch([job.session.opening for _, job in items],
+                                                               [torch.tensor(job.tokens) for _, job in items],
+                                                               [job.parents for _, job in items]))  # fmt: skip
+                self.stats.forwards += 1
+            except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
+                pass
+        for n, (i, job) in enumerate(items):
+            s = job.session
+            if results[n] is None:
+                try:
+                    results[n] = self.target.prefill_fused(s.opening, torch.tensor(job.tokens), job.parents)
+                    self.stats.forwards += 1
+                except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
+                    self.stats.errors += 1
+                    replies[i].append(error_reply(self._prefill_failed(s, exc), job.msg))
+                    continue
+            self.stats.fused_prefills += 1
+            state, rows = results[n]
+            rows = rows.float().cpu()
+            s.state, s.last_logits, s.opening = state, rows[0], None
+            replies[i].extend(job.finish(rows[1:]))
+        self.stats.prefill_s += time.perf_counter() - t
+        self.stats.prefill_thread_cpu_s += time.thread_time() - thread
+        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _prefill_now(self, s: Session) -> None:
         """Prefill a pending session on its own (it needs its target row before any block arrives)."""
