@@ -322,6 +322,20 @@ def test_gpu_smoke_reports_a_failing_check(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("family", NEW)
+def test_prefill_batch_matches_single_prefills(adapters, prompts, family):
+    """Several prompts of different lengths (and tile layouts) prefilled in one forward, as an edge batches new
+    sessions: the same last rows and cache lengths as one prefill each."""
+    target, _ = adapters[family]
+    if not hasattr(target, "prefill_batch"):
+        pytest.skip(f"{type(target).__name__} prefills one prompt per forward")
+    inputs = [target.prepare(image, question) for image, question in prompts]
+    for (state, logits), x in zip(target.prefill_batch(inputs), inputs, strict=True):
+        ref, ref_logits = target.prefill(x)
+        assert logits.shape == ref_logits.shape and state.seq_len == ref.seq_len
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", NEW)
 def test_prefill_fused_equals_prefill_then_forward(adapters, prompts, family):
     target, _ = adapters[family]
     square, wide = target.prepare(*prompts[0]), target.prepare(*prompts[2])

@@ -104,6 +104,19 @@ class LlavaAdapter:
         return inputs.visual_features
 
     @torch.inference_mode()
+    def visual_features_batch(self, inputs: list[PromptInputs]) -> None:
+        """``visual_features`` of several prompts in one vision-tower call (memoized on each)."""
+        todo = [x for x in inputs if x.visual_features is None]
+        if len(todo) < 2:
+            for x in todo:
+                self.visual_features(x)
+            return
+        out = self.model.model.get_image_features(pixel_values=torch.cat([x.pixel_values for x in todo]),
+                                                  return_dict=True)  # fmt: skip
+        for x, features in zip(todo, out.pooler_output, strict=True):
+            x.visual_features = features
+
+    @torch.inference_mode()
     def embed(self, inputs: PromptInputs) -> torch.Tensor:
         """Prompt embeddings with the visual features written into the placeholder rows: [L, H]."""
         embeds = self.model.get_input_embeddings()(inputs.input_ids)  # [L, H]
@@ -161,11 +174,9 @@ class LlavaAdapter:
             mask[i, width - n :] = 1
             positions[i, width - n :] = torch.arange(n, device=self.device)
         embeds = self.model.get_input_embeddings()(ids)
-        features = self.model.model.get_image_features(
-            pixel_values=torch.cat([x.pixel_values for x in inputs]), return_dict=True
-        ).pooler_output
+        self.visual_features_batch(inputs)
         image_mask = ids == self.image_token_id
-        embeds[image_mask] = torch.cat(list(features), dim=0).to(embeds.dtype)
+        embeds[image_mask] = torch.cat([x.visual_features for x in inputs], dim=0).to(embeds.dtype)
         cache = DynamicCache(config=self.model.config)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)  # fmt: skip
@@ -214,6 +225,7 @@ class LlavaAdapter:
         """``prefill_fused`` for several prompts in one forward (rows left-padded: ``kvcache.pad_fused``); each
         state holds its own rows of the batched cache. Equal to ``prefill_fused`` per prompt up to float rounding."""
         embeds, positions, lengths = [], [], []
+        self.visual_features_batch(inputs)
         for x, toks, tree in zip(inputs, token_ids, parents, strict=True):
             prompt = self.embed(x)
             block = self.model.get_input_embeddings()(toks.to(self.device)).to(prompt.dtype)

@@ -69,6 +69,11 @@ class LlavaNextAdapter(LlavaAdapter):
         """Keyword arguments of ``model(...)`` / ``model.generate(...)`` for the unpruned prompt (batch of one)."""
         return {"input_ids": inputs.input_ids[None], "pixel_values": inputs.pixel_values, **inputs.extra}
 
+    def visual_features_batch(self, inputs: list[PromptInputs]) -> None:
+        """One vision-tower call per prompt: images pack different numbers of tiles."""
+        for x in inputs:
+            self.visual_features(x)
+
     @torch.inference_mode()
     def visual_features(self, inputs: PromptInputs) -> torch.Tensor:
         """Packed visual tokens in the language model's space: [N, H], computed once per ``inputs``."""
@@ -96,6 +101,9 @@ class LlavaNextAdapter(LlavaAdapter):
     ) -> tuple[DecodeState, torch.Tensor]:
         state, logits = super().prefill_fused(inputs, token_ids, parents)  # packed visual features, 1-D positions
         return state, logits[:, : self.vocab_size]
+
+    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[DecodeState, torch.Tensor]]:
+        return [(state, logits[: self.vocab_size]) for state, logits in super().prefill_batch(inputs)]
 
     def prefill_fused_batch(
         self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
