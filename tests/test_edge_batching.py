@@ -432,9 +432,12 @@ def test_fused_prefill_answers_the_first_round_as_a_separate_prefill_does(target
     for edge in (fused, plain):
         sids = [_open(edge, target, s) for s in samples]
         blocks = [_greedy_blocks(target, s, 3 + i) for i, s in enumerate(samples)]
-        before = edge.stats.forwards
+        before = (edge.stats.forwards, edge.stats.prefill_forwards, edge.stats.prefills)
         out = edge.process([Frame(encode(VerifyRequest(sid, 0, b, committed_len=0, last_token=-1)))
                             for sid, b in zip(sids, blocks, strict=True)])  # fmt: skip
         verdicts.append([(r[0][0].num_accepted, r[0][0].token) for r in out])
-        assert edge.stats.forwards - before == 1
+        after = (edge.stats.forwards, edge.stats.prefill_forwards, edge.stats.prefills)
+        # fused: one forward prefilled 3 sessions; plain: they were prefilled one by one when opened
+        assert [a - b for a, b in zip(after, before, strict=True)] == ([1, 1, 3] if edge is fused else [1, 0, 0])
     assert verdicts[0] == verdicts[1] and fused.stats.fused_prefills == 3 + 1 + 3
+    assert plain.stats.prefills == plain.stats.prefill_forwards == 3 + 3

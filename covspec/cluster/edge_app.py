@@ -57,7 +57,8 @@ class StatsBoard:
 
 
 _SUMMED = ("busy_s", "cpu_s", "thread_cpu_s", "prefill_s", "prefill_cpu_s", "prefill_thread_cpu_s", "forward_s",
-           "forwards", "fused_prefills", "verify_rounds", "decode_steps", "errors", "batches")  # fmt: skip
+           "forwards", "fused_prefills", "prefill_forwards", "prefills", "verify_rounds", "decode_steps", "errors",
+           "batches")  # fmt: skip
 
 
 def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

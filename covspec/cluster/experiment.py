@@ -257,6 +257,8 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             sizes = phase.edge.get("batch_sizes", {})
             n = sum(sizes.values())
             row["mean_batch"] = sum(int(k) * v for k, v in sizes.items()) / n if n else None
+            forwards = phase.edge.get("prefill_forwards", 0)
+            row["mean_prefill_batch"] = phase.edge.get("prefills", 0) / forwards if forwards else None
             row["retries"] = phase.retries
         row["device_busy_s"] = s.sum("device_busy_s")
         row["session_reopens"] = s.sum("session_reopens")
@@ -322,7 +324,7 @@ COLUMNS = [
     ("p95 s", "latency_p95_s", ".3f"), ("edge busy", "edge_busy_fraction", ".0%"),
     ("prefill", "edge_prefill_share", ".0%"), ("cap ceiling", "edge_capacity_ceiling_vs_target_only", ".2f"),
     ("ceil/CPU", "edge_capacity_ceiling_cpu_vs_target_only", ".2f"),
-    ("batch", "mean_batch", ".1f"),
+    ("batch", "mean_batch", ".1f"), ("pf batch", "mean_prefill_batch", ".1f"),
 ]  # fmt: skip
 
 

@@ -140,6 +140,8 @@ class EdgeStats:
     forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
     fused_prefills: int = 0  # prefills that scored the session's first block in the same forward (in prefill_s)
+    prefill_forwards: int = 0  # forwards that prefilled (a batched prefill counts once)
+    prefills: int = 0  # sessions prefilled (prefills / prefill_forwards: the mean prefill batch)
     verify_rounds: int = 0
     decode_steps: int = 0  # target_only tokens decoded
     errors: int = 0
@@ -157,6 +159,8 @@ class EdgeStats:
             "forward_s": self.forward_s,
             "forwards": self.forwards,
             "fused_prefills": self.fused_prefills,
+            "prefill_forwards": self.prefill_forwards,
+            "prefills": self.prefills,
             "verify_rounds": self.verify_rounds,
             "decode_steps": self.decode_steps,
             "errors": self.errors,
@@ -370,6 +374,7 @@ class Edge:
                                                                [torch.tensor(job.tokens) for _, job in items],
                                                                [job.parents for _, job in items]))  # fmt: skip
                 self.stats.forwards += 1
+                self.stats.prefill_forwards += 1
             except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
                 pass
         for n, (i, job) in enumerate(items):
@@ -378,11 +383,13 @@ class Edge:
                 try:
                     results[n] = self.target.prefill_fused(s.opening, torch.tensor(job.tokens), job.parents)
                     self.stats.forwards += 1
+                    self.stats.prefill_forwards += 1
                 except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
                     self.stats.errors += 1
                     replies[i].append(error_reply(self._prefill_failed(s, exc), job.msg))
                     continue
             self.stats.fused_prefills += 1
+            self.stats.prefills += 1
             state, rows = results[n]
             rows = rows.float().cpu()
             s.state, s.last_logits, s.opening = state, rows[0], None
@@ -403,6 +410,8 @@ class Edge:
             self.stats.prefill_thread_cpu_s += time.thread_time() - thread
             self.stats.prefill_cpu_s += time.process_time() - cpu
         self.stats.forwards += 1
+        self.stats.prefill_forwards += 1
+        self.stats.prefills += 1
         s.last_logits, s.opening = logits.float().cpu(), None
 
     def _prefill_failed(self, s: Session, exc: Exception) -> ProtocolError:
@@ -459,6 +468,7 @@ class Edge:
                 for i, res in zip(plain, self.target.prefill_batch([opens[i].inputs for i in plain]), strict=True):
                     results[i] = res
                 self.stats.forwards += 1
+                self.stats.prefill_forwards += 1
             except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
                 pass
         for i, o in enumerate(opens):
@@ -466,12 +476,14 @@ class Edge:
                 if results[i] is None:
                     results[i] = self.target.prefill(o.inputs, keep=o.keep)
                     self.stats.forwards += 1
+                    self.stats.prefill_forwards += 1
             except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
                 self.stats.errors += 1
                 o.out.append(error_reply(ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: "
                                                        f"{str(exc).splitlines()[0]}"), o.msg))  # fmt: skip
                 continue
             state, logits = results[i]
+            self.stats.prefills += 1
             self._open_session(o, state, logits.float().cpu())
         self.stats.prefill_s += time.perf_counter() - t
         self.stats.prefill_thread_cpu_s += time.thread_time() - thread
