@@ -12,7 +12,7 @@ ratio: batch b against batch 1 within each repeat (timed moments apart), median 
 the shared host's drift between repeats does not move.
 
 It also times batched prefills, and batched *fused* prefills (each prompt with a first block of k tokens in the same
-forward, as the edge runs a speculative session's first round: ``verification.fuse_prefill``), and derives **edge
+forward, as the edge runs a speculative session's first round: ``verification.prefill``), and derives **edge
 capacity at saturation** (the edge always has B requests waiting) from these costs: target_only makes 1 token per
 session per decode step; a speculative method makes tau tokens per verification round (its mean accepted length);
 each request also pays one prefill. With N tokens per request, capacity = B N / (t_prefill(B) + N t_decode(B)) for
@@ -59,8 +59,8 @@ def measure(cfg, batches: list[int], k: int, repeats: int) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     m = cfg.models.target
     target = load_adapter(m.path, m.dtype, m.device, key="models.target.path")
-    edge = Edge(target, fuse_prefill=False)  # prefill, verify and decode: each its own forward
-    fusing = Edge(target, fuse_prefill=True)  # prefill + first block in one forward
+    edge = Edge(target, prefill="separate")  # prefill, verify and decode: each its own forward
+    fusing = Edge(target, prefill="fused")  # prefill + first block in one forward (a saturated edge is never idle)
     n = max(batches)
     samples = load_benchmark(cfg.data, seed=cfg.seed)
     samples = [samples[i % len(samples)] for i in range(n)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_batched_verification_equals_unbatched_for_sessions_of_different_lengths
     samples = load_split("test", 4, offset=11)  # different kinds: prompts of different lengths
     lengths = {len(target.prepare(s.image(), s.question).input_ids) for s in samples}
     assert len(lengths) > 1
-    edge_a, edge_b = Edge(target, fuse_prefill=False), Edge(target, fuse_prefill=False)  # round 0 batched as well
+    edge_a, edge_b = Edge(target, prefill="separate"), Edge(target, prefill="separate")  # round 0 batched too
     rounds = []
     for i, s in enumerate(samples):
         sid = new_session_id()
@@ -116,7 +117,7 @@ def test_target_only_steps_decode_all_streams_in_one_forward(target):
 
 def test_batched_prefill_equals_single_prefill(target):
     samples = load_split("test", 3, offset=2)
-    edge_a, edge_b = Edge(target, fuse_prefill=False), Edge(target, fuse_prefill=False)
+    edge_a, edge_b = Edge(target, prefill="separate"), Edge(target, prefill="separate")
     msgs = []
     for s in samples:
         ids = target.prepare(s.image(), s.question).input_ids.tolist()
@@ -379,11 +380,12 @@ def test_edge_statistics_of_replicas_and_passes_add_up():
 
 
 def test_fused_prefill_answers_the_first_round_as_a_separate_prefill_does(target):
-    """With ``fuse_prefill`` (the default) a speculative session's prefill waits for its first block and both run in
-    one forward: the verdicts, the caches after them and the next round equal the unfused edge's; a chain and a
-    token tree; an OpenSession and its first block in one batch; a refused first block changes nothing."""
+    """With a fused prefill (the default; nothing asks this edge to prefill when idle) a speculative session's
+    prefill waits for its first block and both run in one forward: the verdicts, the caches after them and the next
+    round equal the unfused edge's; a chain and a token tree; an OpenSession and its first block in one batch; a
+    refused first block changes nothing."""
     samples = load_split("test", 3, offset=11)
-    fused, plain = Edge(target), Edge(target, fuse_prefill=False)
+    fused, plain = Edge(target), Edge(target, prefill="separate")
     for i, s in enumerate(samples):
         greedy = _greedy_blocks(target, s, 5)
         if i == 0:  # a token tree: the main chain is wrong at node 3, a branch from node 2 holds the right token
@@ -441,3 +443,43 @@ def test_fused_prefill_answers_the_first_round_as_a_separate_prefill_does(target
         assert [a - b for a, b in zip(after, before, strict=True)] == ([1, 1, 3] if edge is fused else [1, 0, 0])
     assert verdicts[0] == verdicts[1] and fused.stats.fused_prefills == 3 + 1 + 3
     assert plain.stats.prefills == plain.stats.prefill_forwards == 3 + 3
+
+
+def test_an_idle_edge_prefills_waiting_sessions_and_a_busy_one_fuses(target):
+    """``prefill="idle"`` (the default): ``prefill_idle`` prefills the sessions still waiting for their first block
+    (one batched forward, on the busy and prefill clocks), whose blocks are then verified as on a separate-prefill
+    edge; ``fused`` never prefills when idle; a transport calls the hook when no frame waits."""
+    samples = load_split("test", 2, offset=11)
+    idle, fused, plain = Edge(target), Edge(target, prefill="fused"), Edge(target, prefill="separate")
+    sids = {id(e): [_open(e, target, s) for s in samples] for e in (idle, fused, plain)}
+    assert fused.prefill_idle() == 0 and plain.prefill_idle() == 0
+    assert all(fused.sessions[sid].state is None for sid in sids[id(fused)])
+    busy = idle.stats.busy_s
+    assert idle.prefill_idle() == 2 and idle.prefill_idle() == 0  # both at once; then nothing waits
+    assert idle.stats.busy_s > busy and idle.stats.prefill_s > 0
+    st = idle.stats
+    assert (st.prefills, st.idle_prefills, st.prefill_forwards, st.fused_prefills) == (2, 2, 1, 0)
+    verdicts = []
+    for edge in (idle, fused, plain):
+        out = edge.process([Frame(encode(VerifyRequest(sid, 0, _greedy_blocks(target, s, 4), committed_len=0,
+                                                       last_token=-1)))
+                            for sid, s in zip(sids[id(edge)], samples, strict=True)])  # fmt: skip
+        verdicts.append([(r[0][0].num_accepted, r[0][0].token) for r in out])
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert (idle.stats.fused_prefills, fused.stats.fused_prefills) == (0, 2)
+    with pytest.raises(ValueError, match="prefill must be"):
+        Edge(target, prefill="lazy")
+    calls = []
+
+    def echo(payload: bytes):
+        yield from ()
+
+    transport = InProcessTransport(echo, Link(colocated_profile()), idle=lambda: calls.append(1))
+    try:
+        transport.send(MoreCandidates("A" * 16, 0))
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        transport.close()
+    assert calls == [1]

@@ -215,12 +215,12 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused prefill", "separate prefill"])
+@pytest.mark.parametrize("prefill", ["fused", "separate"])
 @pytest.mark.parametrize("case", BAD_REQUESTS)
-def test_bad_request_gets_error_reply_and_changes_nothing(tiny_edge, case, fused):
+def test_bad_request_gets_error_reply_and_changes_nothing(tiny_edge, case, prefill):
     """Refused on a session whose prefill waits for the first block (the default) and on a prefilled one."""
     target, _ = tiny_edge
-    edge = Edge(target, fuse_prefill=fused)
+    edge = Edge(target, prefill=prefill)
     sample = load_split("test", 1)[0]
     sid = _open(edge, target, sample)
     before = _snapshot(edge, sid)

@@ -57,8 +57,8 @@ class StatsBoard:
 
 
 _SUMMED = ("busy_s", "cpu_s", "thread_cpu_s", "prefill_s", "prefill_cpu_s", "prefill_thread_cpu_s", "forward_s",
-           "forwards", "fused_prefills", "prefill_forwards", "prefills", "verify_rounds", "decode_steps", "errors",
-           "batches")  # fmt: skip
+           "forwards", "fused_prefills", "idle_prefills", "prefill_forwards", "prefills", "verify_rounds",
+           "decode_steps", "errors", "batches")  # fmt: skip
 
 
 def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +118,10 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
+            with self._cv:
+                idle = not self._pending
+            if idle and self.edge.prefill_idle():  # nothing queued: prefill sessions still waiting for a block
+                continue
             groups = self._take()
             items = [item for group, _, _ in groups for item in group]
             try:
@@ -156,7 +160,7 @@ class EdgeServer:
         m = cfg.models.target
         self.edge = Edge(load_adapter(m.path, m.dtype, m.device, key="models.target.path"),
                          session_ttl_s=cfg.cluster.session_ttl_s,
-                         fuse_prefill=cfg.verification.fuse_prefill)  # fmt: skip
+                         prefill=cfg.verification.prefill)  # fmt: skip
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's; the engine thread started below inherits it
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None

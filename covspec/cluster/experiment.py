@@ -259,6 +259,8 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             row["mean_batch"] = sum(int(k) * v for k, v in sizes.items()) / n if n else None
             forwards = phase.edge.get("prefill_forwards", 0)
             row["mean_prefill_batch"] = phase.edge.get("prefills", 0) / forwards if forwards else None
+            for key in ("prefills", "fused_prefills", "idle_prefills"):  # how the edge prefilled (docs/engine.md)
+                row[f"edge_{key}"] = phase.edge.get(key, 0)
             row["retries"] = phase.retries
         row["device_busy_s"] = s.sum("device_busy_s")
         row["session_reopens"] = s.sum("session_reopens")

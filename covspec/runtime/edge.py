@@ -25,6 +25,7 @@ from another peer naming it is refused as unknown, exactly like an expired sessi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -140,6 +141,7 @@ class EdgeStats:
     forward_s: float = 0.0  # wall time of the (batched) verify / decode forwards
     forwards: int = 0  # target forwards (a batched forward counts once)
     fused_prefills: int = 0  # prefills that scored the session's first block in the same forward (in prefill_s)
+    idle_prefills: int = 0  # sessions prefilled by ``prefill_idle`` (their first block came to a prefilled session)
     prefill_forwards: int = 0  # forwards that prefilled (a batched prefill counts once)
     prefills: int = 0  # sessions prefilled (prefills / prefill_forwards: the mean prefill batch)
     verify_rounds: int = 0
@@ -159,6 +161,7 @@ class EdgeStats:
             "forward_s": self.forward_s,
             "forwards": self.forwards,
             "fused_prefills": self.fused_prefills,
+            "idle_prefills": self.idle_prefills,
             "prefill_forwards": self.prefill_forwards,
             "prefills": self.prefills,
             "verify_rounds": self.verify_rounds,
@@ -196,28 +199,37 @@ class Edge:
 
     Thread-safe: one batch is processed at a time (one model, one compute stream).
 
-    **Fused prefill** (``fuse_prefill``, on by default; adapters with ``prefill_fused``): a speculative session's
-    OpenSession is checked and answered at once, and its prefill waits for the session's first block, which the
-    target then scores in the same forward as the prompt. A device drafts its first block while its OpenSession
-    travels, so the block follows within a draft's time; one forward instead of two saves the second forward's
-    fixed cost and its share of the edge's busy time (the edge's first verification round is nearly free), at the
-    price of no longer overlapping the target prefill with that drafting. target_only streams and lossy
-    prune-target sessions are prefilled at once as before; a session asked for candidates before any block
-    (a reopened correction) is prefilled then.
+    **Prefill policy** (``prefill``; adapters with ``prefill_fused``, else always ``separate``):
+
+    - ``fused``: a speculative session's OpenSession is checked and answered at once, and its prefill waits for the
+      session's first block, which the target then scores in the same forward as the prompt. A device drafts its
+      first block while its OpenSession travels, so the block follows within a draft's time; one forward instead of
+      two saves the second forward's fixed cost (the edge's first verification round is nearly free), at the price
+      of no longer overlapping the target prefill with that drafting.
+    - ``idle`` (the default): as ``fused``, but whoever serves the edge calls ``prefill_idle`` when no frame is
+      waiting, which prefills the sessions still waiting for a block: an idle edge overlaps the prefill with the
+      device's drafting (latency), a busy one fuses (capacity). A saturated edge is never idle.
+    - ``separate``: every session is prefilled when it opens.
+
+    target_only streams and lossy prune-target sessions are always prefilled when they open; a session asked for
+    candidates before any block (a reopened correction) is prefilled then.
 
     Args:
         target: the target VLM adapter (``forward_batch`` is used when it has one).
         session_ttl_s: sessions idle for longer are dropped (the device reopens them).
-        fuse_prefill: defer speculative sessions' prefills to their first block (above).
+        prefill: ``idle``, ``fused`` or ``separate`` (above).
     """
 
-    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0, fuse_prefill: bool = True) -> None:
+    def __init__(self, target: VLMAdapter, session_ttl_s: float = 600.0, prefill: str = "idle") -> None:
+        if prefill not in ("idle", "fused", "separate"):
+            raise ValueError(f"prefill must be idle, fused or separate, got {prefill!r}")
         self.target = target
         self.vocab_size = target.vocab_size
         self.sessions: dict[str, Session] = {}
         self.seen_ids: set[str] = set()
         self.session_ttl_s = session_ttl_s
-        self.fuse_prefill = fuse_prefill and hasattr(target, "prefill_fused")
+        self.defer_prefill = prefill != "separate" and hasattr(target, "prefill_fused")
+        self.prefill_when_idle = prefill == "idle"
         self.stats = EdgeStats()
         self._lock = threading.Lock()
 
@@ -250,10 +262,56 @@ class Edge:
                     return msg.session_id
         return None
 
-    def process(self, work: list[Work]) -> list[list[Reply]]:
-        """Answers every item of ``work``: the replies of item i (encoded) are ``result[i]``, in order."""
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Hold the edge and add the block's wall, process-CPU and thread-CPU time to its busy clocks."""
         with self._lock:
             start, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+            try:
+                yield
+            finally:
+                self.stats.busy_s += time.perf_counter() - start
+                self.stats.thread_cpu_s += time.thread_time() - thread  # read inside the process clock's interval
+                self.stats.cpu_s += time.process_time() - cpu
+
+    @contextlib.contextmanager
+    def _prefilling(self) -> Iterator[None]:
+        """Add the block's wall, process-CPU and thread-CPU time to the prefill clocks."""
+        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.stats.prefill_s += time.perf_counter() - t
+            self.stats.prefill_thread_cpu_s += time.thread_time() - thread
+            self.stats.prefill_cpu_s += time.process_time() - cpu
+
+    def prefill_idle(self) -> int:
+        """Prefill every session still waiting for its first block (one batched forward when the adapter can), if
+        the policy is ``idle``; the caller has no frame waiting. Returns the sessions prefilled."""
+        if not self.prefill_when_idle:
+            return 0
+        with self._lock:  # nothing to do costs no busy time
+            if all(s.state is not None for s in self.sessions.values()):
+                return 0
+        with self._busy():
+            waiting = [s for s in self.sessions.values() if s.state is None]
+            if not waiting:
+                return 0
+            done = 0
+            with self._prefilling():
+                for s, res in zip(waiting, self._prefill_all([s.opening for s in waiting], [None] * len(waiting)),
+                                  strict=True):  # fmt: skip
+                    if isinstance(res, Exception):  # it waits for its block, which gets the error reply
+                        continue
+                    s.state, s.last_logits, s.opening = res[0], res[1].float().cpu(), None
+                    self.stats.prefills += 1
+                    self.stats.idle_prefills += 1
+                    done += 1
+            return done
+
+    def process(self, work: list[Work]) -> list[list[Reply]]:
+        """Answers every item of ``work``: the replies of item i (encoded) are ``result[i]``, in order."""
+        with self._busy():
             self.expire_idle()
             self.stats.batches += 1
             replies: list[list[Message]] = [[] for _ in work]
@@ -271,11 +329,7 @@ class Edge:
                 self._prefill(opens)
                 self._run_jobs(jobs, replies)
                 pending = deferred
-            out = [[(m, encode(m)) for m in msgs] for msgs in replies]
-            self.stats.busy_s += time.perf_counter() - start
-            self.stats.thread_cpu_s += time.thread_time() - thread  # read inside the process clock's interval
-            self.stats.cpu_s += time.process_time() - cpu
-            return out
+            return [[(m, encode(m)) for m in msgs] for msgs in replies]
 
     # -- admission: checks, and the work that needs no target forward -------------------------------
 
@@ -365,7 +419,10 @@ class Edge:
         """Prefill pending sessions and score their first blocks: one forward for all of them when the adapter
         batches (``prefill_fused_batch``), else one each (``prefill_fused``); timed as prefill. A prompt the model
         refuses fails its session (error reply, session dropped), found one by one if the batch fails."""
-        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        with self._prefilling():
+            self._fused_forwards(jobs, replies)
+
+    def _fused_forwards(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
         items = list(jobs.items())
         results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(items)
         if len(items) > 1 and hasattr(self.target, "prefill_fused_batch"):
@@ -394,21 +451,14 @@ class Edge:
             rows = rows.float().cpu()
             s.state, s.last_logits, s.opening = state, rows[0], None
             replies[i].extend(job.finish(rows[1:]))
-        self.stats.prefill_s += time.perf_counter() - t
-        self.stats.prefill_thread_cpu_s += time.thread_time() - thread
-        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _prefill_now(self, s: Session) -> None:
         """Prefill a pending session on its own (it needs its target row before any block arrives)."""
-        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
         try:
-            s.state, logits = self.target.prefill(s.opening)
+            with self._prefilling():
+                s.state, logits = self.target.prefill(s.opening)
         except (ValueError, RuntimeError) as exc:
             raise self._prefill_failed(s, exc) from exc
-        finally:
-            self.stats.prefill_s += time.perf_counter() - t
-            self.stats.prefill_thread_cpu_s += time.thread_time() - thread
-            self.stats.prefill_cpu_s += time.process_time() - cpu
         self.stats.forwards += 1
         self.stats.prefill_forwards += 1
         self.stats.prefills += 1
@@ -453,41 +503,48 @@ class Edge:
         """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
         if not opens:
             return
-        if self.fuse_prefill:  # speculative sessions wait for their first block (see the class docstring)
+        if self.defer_prefill:  # speculative sessions wait for their first block (see the class docstring)
             deferred = [o for o in opens if o.keep is None and o.msg.method != "target_only"]
             for o in deferred:
                 self._open_session(o, None, None)
             opens = [o for o in opens if not any(o is d for d in deferred)]
             if not opens:
                 return
-        t, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
-        results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(opens)
-        plain = [i for i, o in enumerate(opens) if o.keep is None]
+        with self._prefilling():
+            results = self._prefill_all([o.inputs for o in opens], [o.keep for o in opens])
+            for o, res in zip(opens, results, strict=True):
+                if isinstance(res, Exception):  # e.g. placeholder count != visual tokens
+                    self.stats.errors += 1
+                    o.out.append(error_reply(ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: "
+                                                           f"{str(res).splitlines()[0]}"), o.msg))  # fmt: skip
+                    continue
+                self.stats.prefills += 1
+                self._open_session(o, res[0], res[1].float().cpu())
+
+    def _prefill_all(
+        self, inputs: list[PromptInputs], keeps: list[torch.Tensor | None]
+    ) -> list[tuple[DecodeState, torch.Tensor] | Exception]:
+        """Prefill each prompt: the unpruned ones in one batched forward when the adapter can (one by one if that
+        fails); a prompt the model refuses gives its exception."""
+        results: list[tuple[DecodeState, torch.Tensor] | Exception | None] = [None] * len(inputs)
+        plain = [i for i, keep in enumerate(keeps) if keep is None]
         if len(plain) > 1 and hasattr(self.target, "prefill_batch"):
             try:
-                for i, res in zip(plain, self.target.prefill_batch([opens[i].inputs for i in plain]), strict=True):
+                for i, res in zip(plain, self.target.prefill_batch([inputs[i] for i in plain]), strict=True):
                     results[i] = res
                 self.stats.forwards += 1
                 self.stats.prefill_forwards += 1
             except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
                 pass
-        for i, o in enumerate(opens):
-            try:
-                if results[i] is None:
-                    results[i] = self.target.prefill(o.inputs, keep=o.keep)
+        for i, keep in enumerate(keeps):
+            if results[i] is None:
+                try:
+                    results[i] = self.target.prefill(inputs[i], keep=keep)
                     self.stats.forwards += 1
                     self.stats.prefill_forwards += 1
-            except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
-                self.stats.errors += 1
-                o.out.append(error_reply(ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: "
-                                                       f"{str(exc).splitlines()[0]}"), o.msg))  # fmt: skip
-                continue
-            state, logits = results[i]
-            self.stats.prefills += 1
-            self._open_session(o, state, logits.float().cpu())
-        self.stats.prefill_s += time.perf_counter() - t
-        self.stats.prefill_thread_cpu_s += time.thread_time() - thread
-        self.stats.prefill_cpu_s += time.process_time() - cpu
+                except (ValueError, RuntimeError) as exc:
+                    results[i] = exc
+        return results
 
     def _open_session(self, o: _Open, state: DecodeState | None, logits: torch.Tensor | None) -> None:
         """Register the session of a checked OpenSession (prefilled, or waiting for its first block: ``state``

@@ -41,10 +41,12 @@ def _serve_link(edge, conn: Connection, peer: str) -> None:
                     conn.send_bytes(reply)
                 except OSError:
                     return
+            if not conn.poll(0):  # nothing waiting on this link: prefill sessions still waiting for a block
+                edge.prefill_idle()
 
 
 def _edge_main(target: tuple[str, str, str], threads: int, session_ttl_s: float, conns: list[Connection],
-               ready: Connection, fuse_prefill: bool = True) -> None:  # fmt: skip
+               ready: Connection, prefill: str = "idle") -> None:  # fmt: skip
     """The child: load the target, report ready (or the error), serve every link until its pipe closes."""
     try:
         import torch
@@ -55,7 +57,7 @@ def _edge_main(target: tuple[str, str, str], threads: int, session_ttl_s: float,
         torch.set_num_threads(threads)
         path, dtype, device = target
         edge = Edge(load_adapter(path, dtype, device, key="models.target.path"), session_ttl_s=session_ttl_s,
-                    fuse_prefill=fuse_prefill)  # fmt: skip
+                    prefill=prefill)  # fmt: skip
     except Exception as exc:  # reported to the parent, which raises it with the message
         ready.send_bytes(f"error: {exc}".encode())
         return
@@ -82,7 +84,7 @@ class EdgeProcess:
 
     def __init__(self, path: str, links: int, dtype: str = "float32", device: str = "cpu", threads: int = 1,
                  session_ttl_s: float = 600.0, start_timeout_s: float = START_TIMEOUT_S,
-                 fuse_prefill: bool = True) -> None:  # fmt: skip
+                 prefill: str = "idle") -> None:  # fmt: skip
         if links < 1:
             raise ValueError(f"links must be >= 1, got {links}")
         path = resolve_path(path, key="models.target.path")  # a missing checkpoint fails here, before the spawn
@@ -97,7 +99,7 @@ class EdgeProcess:
                 session_ttl_s,
                 [child for _, child in pairs],
                 ready_send,
-                fuse_prefill,
+                prefill,
             ),
             name="covspec-edge",
             daemon=True,

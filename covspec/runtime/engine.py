@@ -128,7 +128,7 @@ class LocalEngine:
         cluster = self.cfg.cluster
         self.remote = EdgeProcess(t.path, links=1, dtype=t.dtype, device=t.device, threads=cluster.edge_threads,
                                   session_ttl_s=cluster.session_ttl_s,
-                                  fuse_prefill=self.cfg.verification.fuse_prefill)  # fmt: skip
+                                  prefill=self.cfg.verification.prefill)  # fmt: skip
 
     def close(self) -> None:
         if self.remote is not None:
@@ -137,7 +137,7 @@ class LocalEngine:
 
     def _transport(self, link: Link) -> Transport:
         if self.remote is None:
-            return InProcessTransport(self.edge.handle, link)
+            return InProcessTransport(self.edge.handle, link, idle=self.edge.prefill_idle)
         if self._remote_link is None:
             self._remote_link = self.remote.transport(link)
         self._remote_link.link = link  # requests run one at a time: the next one's link profile and seed
@@ -150,7 +150,7 @@ class LocalEngine:
         target = load_adapter(m.target.path, m.target.dtype, m.target.device, key="models.target.path")
         draft = load_adapter(m.draft.path, m.draft.dtype, m.draft.device, key="models.draft.path")
         check_pair(target, draft)
-        return cls(cfg, target, draft, Edge(target, fuse_prefill=cfg.verification.fuse_prefill))
+        return cls(cfg, target, draft, Edge(target, prefill=cfg.verification.prefill))
 
     def run(
         self,

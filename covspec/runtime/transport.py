@@ -146,10 +146,13 @@ class InProcessTransport(LinkEnds):
         handler: the edge's frame handler (``Edge.handle``), yielding (message, frame) replies.
         link: the emulated link of this device.
         traffic: where to count bytes (a new counter by default).
+        idle: called when the edge has answered a frame and none is waiting (``Edge.prefill_idle``).
     """
 
-    def __init__(self, handler: EdgeHandler, link: Link, traffic: TrafficCounter | None = None) -> None:
+    def __init__(self, handler: EdgeHandler, link: Link, traffic: TrafficCounter | None = None,
+                 idle: Callable[[], object] | None = None) -> None:  # fmt: skip
         self._handler = handler
+        self._idle = idle
         self._edge_inbox: queue.Queue[bytes | None] = queue.Queue()
         super().__init__(link, traffic, self._edge_inbox.put)
         self._worker = threading.Thread(target=self._serve, name="edge-worker", daemon=True)
@@ -159,6 +162,8 @@ class InProcessTransport(LinkEnds):
         while (payload := self._edge_inbox.get()) is not None:
             for msg, reply in self._handler(payload):
                 self._reply(msg, reply)
+            if self._idle is not None and self._edge_inbox.empty():  # nothing queued: the edge's idle work
+                self._idle()
 
     def close(self) -> None:
         self._up.close()
