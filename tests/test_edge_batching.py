@@ -459,6 +459,11 @@ def test_an_idle_edge_prefills_waiting_sessions_and_a_busy_one_fuses(target):
     assert idle.stats.busy_s > busy and idle.stats.prefill_s > 0
     st = idle.stats
     assert (st.prefills, st.idle_prefills, st.prefill_forwards, st.fused_prefills) == (2, 2, 1, 0)
+    busy_with_another = _open(idle, target, samples[0])  # waits, and ...
+    idle.process(
+        [Frame(encode(VerifyRequest(_open(idle, target, samples[1]), 0, [5], committed_len=0, last_token=-1)))]
+    )  # ... another session is mid-request: no prefill now
+    assert idle.prefill_idle() == 0 and idle.sessions[busy_with_another].state is None
     verdicts = []
     for edge in (idle, fused, plain):
         out = edge.process([Frame(encode(VerifyRequest(sid, 0, _greedy_blocks(target, s, 4), committed_len=0,
@@ -466,7 +471,7 @@ def test_an_idle_edge_prefills_waiting_sessions_and_a_busy_one_fuses(target):
                             for sid, s in zip(sids[id(edge)], samples, strict=True)])  # fmt: skip
         verdicts.append([(r[0][0].num_accepted, r[0][0].token) for r in out])
     assert verdicts[0] == verdicts[1] == verdicts[2]
-    assert (idle.stats.fused_prefills, fused.stats.fused_prefills) == (0, 2)
+    assert (idle.stats.fused_prefills, fused.stats.fused_prefills) == (1, 2)  # idle: the mid-request one fused
     with pytest.raises(ValueError, match="prefill must be"):
         Edge(target, prefill="lazy")
     calls = []

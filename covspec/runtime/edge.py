@@ -207,8 +207,10 @@ class Edge:
       two saves the second forward's fixed cost (the edge's first verification round is nearly free), at the price
       of no longer overlapping the target prefill with that drafting.
     - ``idle`` (the default): as ``fused``, but whoever serves the edge calls ``prefill_idle`` when no frame is
-      waiting, which prefills the sessions still waiting for a block: an idle edge overlaps the prefill with the
-      device's drafting (latency), a busy one fuses (capacity). A saturated edge is never idle.
+      waiting, which prefills the sessions waiting for a block if no other session is mid-request: an edge serving
+      one request overlaps the prefill with the device's drafting (latency); an edge serving many fuses, since any
+      idle moment is short and a prefill started in it would hold up the next block (capacity, and latency too: in
+      ``covspec run`` on this host, prefilling in every idle moment lost on system throughput, capacity and p50).
     - ``separate``: every session is prefilled when it opens.
 
     target_only streams and lossy prune-target sessions are always prefilled when they open; a session asked for
@@ -285,16 +287,24 @@ class Edge:
             self.stats.prefill_thread_cpu_s += time.thread_time() - thread
             self.stats.prefill_cpu_s += time.process_time() - cpu
 
+    def _idle_prefills(self) -> list[Session]:
+        """The sessions ``prefill_idle`` would prefill: every live session, if all of them wait for their first block;
+        else none (a prefilled session's next frame would wait behind the prefill)."""
+        waiting = [s for s in self.sessions.values() if s.state is None]
+        return waiting if len(waiting) == len(self.sessions) else []
+
     def prefill_idle(self) -> int:
-        """Prefill every session still waiting for its first block (one batched forward when the adapter can), if
-        the policy is ``idle``; the caller has no frame waiting. Returns the sessions prefilled."""
+        """With the ``idle`` policy, when the caller has no frame waiting: prefill the sessions waiting for their first
+        block (one batched forward when the adapter can), unless another live session is mid-request — its next
+        block is on its way and would wait behind the prefill, so the waiting ones fuse with their blocks instead.
+        Returns the sessions prefilled."""
         if not self.prefill_when_idle:
             return 0
         with self._lock:  # nothing to do costs no busy time
-            if all(s.state is not None for s in self.sessions.values()):
+            if not self._idle_prefills():
                 return 0
         with self._busy():
-            waiting = [s for s in self.sessions.values() if s.state is None]
+            waiting = self._idle_prefills()
             if not waiting:
                 return 0
             done = 0
