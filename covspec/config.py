@@ -73,7 +73,7 @@ SPLITS = ("train", "val", "test")
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
 DRAFT_STOPS = ("cost", "threshold")
-PREFILL_POLICIES = ("idle", "fused", "separate")  # verification.prefill: covspec.runtime.edge.Edge
+PREFILL_POLICIES = ("auto", "idle", "fused", "separate")  # verification.prefill: covspec.runtime.edge.Edge
 MULTI_IMAGE = ("first", "concat")  # covspec.data.mmmu
 TUNE_METRICS = ("speedup", "tokens_per_s")  # what `covspec tune` maximizes (docs/tune.md)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
@@ -357,10 +357,11 @@ class VerificationConfig(_Section):
 
     num_candidates: int = 4
     """m: candidates drawn from p sent back at a rejected position (1..256)."""
-    prefill: str = "idle"
+    prefill: str = "auto"
     """When the edge prefills a speculative session (docs/engine.md): ``fused`` with its first block in one target
-    forward; ``idle`` the same, except that an edge with nothing queued prefills waiting sessions at once; ``separate``
-    when the session opens."""
+    forward; ``idle`` the same, except that an edge with nothing queued and no other request in flight prefills at
+    once; ``separate`` when the session opens; ``auto``: ``fused`` on the Ray Serve edge (``covspec run``: many devices
+    share it), ``idle`` in one process (``covspec bench``, ``generate``: one request at a time)."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "num_candidates"), self.num_candidates, 1, 256)

@@ -474,6 +474,13 @@ def test_an_idle_edge_prefills_waiting_sessions_and_a_busy_one_fuses(target):
     assert (idle.stats.fused_prefills, fused.stats.fused_prefills) == (1, 2)  # idle: the mid-request one fused
     with pytest.raises(ValueError, match="prefill must be"):
         Edge(target, prefill="lazy")
+    from covspec.config import ConfigError, load_config
+    from covspec.runtime.edge import prefill_policy
+
+    assert (prefill_policy("auto", shared=True), prefill_policy("auto", shared=False)) == ("fused", "idle")
+    assert prefill_policy("separate", shared=True) == "separate"
+    with pytest.raises(ConfigError, match=r"verification\.prefill"):
+        load_config(overrides=["verification.prefill=lazy"])
     calls = []
 
     def echo(payload: bytes):

@@ -36,7 +36,7 @@ import ray
 from ray import serve
 
 from covspec.config import Config, config_to_yaml
-from covspec.runtime.edge import Edge, Frame, Reply, Step, Work
+from covspec.runtime.edge import Edge, Frame, Reply, Step, Work, prefill_policy
 
 APP_NAME = "covspec-edge"
 DEPLOYMENT_NAME = "EdgeServer"
@@ -160,7 +160,7 @@ class EdgeServer:
         m = cfg.models.target
         self.edge = Edge(load_adapter(m.path, m.dtype, m.device, key="models.target.path"),
                          session_ttl_s=cfg.cluster.session_ttl_s,
-                         prefill=cfg.verification.prefill)  # fmt: skip
+                         prefill=prefill_policy(cfg.verification.prefill, shared=True))  # fmt: skip
         self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's; the engine thread started below inherits it
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None

@@ -194,6 +194,14 @@ class _Job:
     msg: Message | None = None  # the frame (error replies name its session and seq)
 
 
+def prefill_policy(configured: str, shared: bool) -> str:
+    """The edge's policy for ``verification.prefill``: ``auto`` is ``fused`` on an edge many devices share (the Ray
+    Serve edge) and ``idle`` on one that serves one request at a time (in one process)."""
+    if configured == "auto":
+        return "fused" if shared else "idle"
+    return configured
+
+
 class Edge:
     """Holds the target adapter and the sessions; ``process`` answers a batch of work, ``handle`` one frame.
 

@@ -17,7 +17,7 @@ from covspec.models.loading import load_adapter
 from covspec.protocol import Link, LinkProfile
 from covspec.pruning import Pruner, build_pruner
 from covspec.runtime.device import Device, DeviceSettings, RequestResult
-from covspec.runtime.edge import Edge
+from covspec.runtime.edge import Edge, prefill_policy
 from covspec.runtime.transport import InProcessTransport, Transport
 
 _NO_LIMIT_MBPS = math.inf
@@ -128,7 +128,7 @@ class LocalEngine:
         cluster = self.cfg.cluster
         self.remote = EdgeProcess(t.path, links=1, dtype=t.dtype, device=t.device, threads=cluster.edge_threads,
                                   session_ttl_s=cluster.session_ttl_s,
-                                  prefill=self.cfg.verification.prefill)  # fmt: skip
+                                  prefill=prefill_policy(self.cfg.verification.prefill, shared=False))  # fmt: skip
 
     def close(self) -> None:
         if self.remote is not None:
@@ -150,7 +150,7 @@ class LocalEngine:
         target = load_adapter(m.target.path, m.target.dtype, m.target.device, key="models.target.path")
         draft = load_adapter(m.draft.path, m.draft.dtype, m.draft.device, key="models.draft.path")
         check_pair(target, draft)
-        return cls(cfg, target, draft, Edge(target, prefill=cfg.verification.prefill))
+        return cls(cfg, target, draft, Edge(target, prefill=prefill_policy(cfg.verification.prefill, shared=False)))
 
     def run(
         self,
