@@ -495,3 +495,20 @@ def test_an_idle_edge_prefills_waiting_sessions_and_a_busy_one_fuses(target):
     finally:
         transport.close()
     assert calls == [1]
+
+
+def test_an_idle_prefill_the_model_refuses_is_not_retried(target, monkeypatch):
+    edge = Edge(target, prefill="idle")
+    sample = load_split("test", 1)[0]
+    sid = _open(edge, target, sample)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("prompt holds 3 image placeholders, the image has 4 visual tokens")
+
+    monkeypatch.setattr(target, "prefill", refuse)
+    assert edge.prefill_idle() == 0 and edge.prefill_idle() == 0 and calls == [1]  # tried once
+    assert edge.sessions[sid].idle_refused and edge.stats.prefills == 0
+    block = VerifyRequest(sid, 0, _greedy_blocks(target, sample, 3), committed_len=0, last_token=-1)
+    assert isinstance(edge.process([Frame(encode(block))])[0][0][0], VerifyResponse)  # its block fuses as usual

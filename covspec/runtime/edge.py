@@ -119,6 +119,7 @@ class Session:
     verified: int = 0  # rounds verified by this session (0 for a freshly reopened one)
     last_used: float = field(default_factory=time.monotonic)
     opening: PromptInputs | None = None  # fused prefill: the checked prompt, prefilled with the first block
+    idle_refused: bool = False  # the model refused its idle prefill: not retried, its first block gets the error
 
     @property
     def sampling(self) -> bool:
@@ -298,7 +299,7 @@ class Edge:
     def _idle_prefills(self) -> list[Session]:
         """The sessions ``prefill_idle`` would prefill: every live session, if all of them wait for their first block;
         else none (a prefilled session's next frame would wait behind the prefill)."""
-        waiting = [s for s in self.sessions.values() if s.state is None]
+        waiting = [s for s in self.sessions.values() if s.state is None and not s.idle_refused]
         return waiting if len(waiting) == len(self.sessions) else []
 
     def prefill_idle(self) -> int:
@@ -320,6 +321,7 @@ class Edge:
                 for s, res in zip(waiting, self._prefill_all([s.opening for s in waiting], [None] * len(waiting)),
                                   strict=True):  # fmt: skip
                     if isinstance(res, Exception):  # it waits for its block, which gets the error reply
+                        s.idle_refused = True
                         continue
                     s.state, s.last_logits, s.opening = res[0], res[1].float().cpu(), None
                     self.stats.prefills += 1
