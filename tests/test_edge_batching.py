@@ -501,6 +501,7 @@ def test_an_idle_prefill_the_model_refuses_is_not_retried(target, monkeypatch):
     edge = Edge(target, prefill="idle")
     sample = load_split("test", 1)[0]
     sid = _open(edge, target, sample)
+    block = VerifyRequest(sid, 0, _greedy_blocks(target, sample, 3), committed_len=0, last_token=-1)
     calls = []
 
     def refuse(*args, **kwargs):
@@ -510,5 +511,4 @@ def test_an_idle_prefill_the_model_refuses_is_not_retried(target, monkeypatch):
     monkeypatch.setattr(target, "prefill", refuse)
     assert edge.prefill_idle() == 0 and edge.prefill_idle() == 0 and calls == [1]  # tried once
     assert edge.sessions[sid].idle_refused and edge.stats.prefills == 0
-    block = VerifyRequest(sid, 0, _greedy_blocks(target, sample, 3), committed_len=0, last_token=-1)
     assert isinstance(edge.process([Frame(encode(block))])[0][0][0], VerifyResponse)  # its block fuses as usual
