@@ -326,8 +326,6 @@ def test_prefill_batch_matches_single_prefills(adapters, prompts, family):
     """Several prompts of different lengths (and tile layouts) prefilled in one forward, as an edge batches new
     sessions: the same last rows and cache lengths as one prefill each."""
     target, _ = adapters[family]
-    if not hasattr(target, "prefill_batch"):
-        pytest.skip(f"{type(target).__name__} prefills one prompt per forward")
     inputs = [target.prepare(image, question) for image, question in prompts]
     for (state, logits), x in zip(target.prefill_batch(inputs), inputs, strict=True):
         ref, ref_logits = target.prefill(x)

@@ -228,6 +228,13 @@ class Qwen2VLAdapter:
         state = MRopeState(cache=cache, seq_len=length + k, rope_delta=rope_delta)
         return state, out.logits[0, :, : self.vocab_size]
 
+    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[MRopeState, torch.Tensor]]:
+        """Unpruned prefill of several prompts in one forward: ``prefill_fused_batch`` with empty blocks (rows
+        left-padded, M-RoPE positions per row). Equal to ``prefill`` per prompt up to float rounding."""
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return [(state, rows[-1]) for state, rows in self.prefill_fused_batch(inputs, [empty] * len(inputs),
+                                                                             [None] * len(inputs))]  # fmt: skip
+
     @torch.inference_mode()
     def prefill_fused_batch(
         self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
