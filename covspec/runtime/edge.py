@@ -11,6 +11,9 @@ One round of verification for a block x_1..x_k (p = target, q = draft):
    (dssd) or all k+1 rows (vanilla_sd).
 4. Crop the target cache to the accepted prefix.
 
+A session's first round can ride on its prefill: with the ``fused`` / ``idle`` prefill policies the target prefills
+the prompt and scores the first block in one forward (``Edge`` below; docs/engine.md).
+
 Batching: ``process`` takes a list of work items (frames from any devices, and ``Step``s that decode one more
 token of a target_only stream) and runs **one batched target forward** (``adapter.forward_batch``) for every
 verification and decode step among them, over sessions of different lengths. Each item is checked first, then the
@@ -487,7 +490,7 @@ class Edge:
     def _prefill_failed(self, s: Session, exc: Exception) -> ProtocolError:
         """A pending session whose prompt the model refused is dropped; the error to answer with."""
         self.sessions.pop(s.session_id, None)
-        return ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {str(exc).splitlines()[0]}")
+        return _unfit(exc)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -535,8 +538,7 @@ class Edge:
             for o, res in zip(opens, results, strict=True):
                 if isinstance(res, Exception):  # e.g. placeholder count != visual tokens
                     self.stats.errors += 1
-                    o.out.append(error_reply(ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: "
-                                                           f"{str(res).splitlines()[0]}"), o.msg))  # fmt: skip
+                    o.out.append(error_reply(_unfit(res), o.msg))
                     continue
                 self.stats.prefills += 1
                 self._open_session(o, res[0], res[1].float().cpu())
@@ -769,6 +771,11 @@ class Edge:
         ids, vals = sample_candidates(exp.p_row, s.num_candidates, s.generator)
         exp.candidates.update(ids.tolist())
         return VerifyResponse(s.session_id, msg.seq, 0, -1, ids.tolist(), probs_to_bytes(vals), b"")
+
+
+def _unfit(exc: Exception) -> ProtocolError:
+    """The error of a prompt the target refused to prefill (e.g. placeholder count != visual tokens)."""
+    return ProtocolError(ErrorCode.INVALID_FIELD, f"prompt does not fit the image: {str(exc).splitlines()[0]}")
 
 
 def error_of(msg: Message) -> ErrorReply | None:
