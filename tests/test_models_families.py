@@ -92,7 +92,8 @@ def test_engine_covspec_greedy_equals_target_only(adapters, family):
     pruned = C.check_engine_greedy(target, target, samples, max_new_tokens=8, pruning="joint", keep_ratio=0.25)
     assert any(r["num_accepted"] > 0 for r in pruned)
     if family.startswith("qwen"):  # branches are grafted back into the cache: positions must follow the offset
-        adaptive = ("drafting.policy=adaptive", "branching.budget=4", "branching.tree=0")  # wait-time branches
+        # wait-time branches; blocks of at most 3 tokens, so that 8 tokens take several rounds whatever the timing
+        adaptive = ("drafting.policy=adaptive", "drafting.gamma_max=3", "branching.budget=4", "branching.tree=0")
         branched = C.check_engine_greedy(target, target, samples, 8, "joint", 0.25, overrides=adaptive)
         assert sum(r["branch_hits"] for r in branched) > 0
 

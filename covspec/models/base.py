@@ -154,6 +154,37 @@ def cut_at_eos(tokens: list[int], eos_token_ids: frozenset[int]) -> list[int]:
     return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_token_ids), tokens)
 
 
+class FusedPrefill:
+    """``prefill_fused`` and ``prefill_batch`` of an adapter, from its ``prefill_fused_batch`` (several prompts, each
+    followed by its first block, in one forward): one fused prompt is a batch of one, a batched prefill is a fused
+    batch with empty blocks."""
+
+    def prefill_fused_batch(
+        self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
+    ) -> list[tuple[DecodeState, torch.Tensor]]:
+        raise NotImplementedError
+
+    def prefill_fused(
+        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """Unpruned prefill and the scoring of a first block in **one** forward: ``prefill`` then ``forward(state,
+        token_ids, parents)`` up to float rounding, without the second forward's fixed cost (the edge's first
+        verification round). The prompt rows attend causally, the block's rows to the whole prompt and (a token
+        tree, ``parents``) to their ancestors, at their depth's positions.
+
+        Returns:
+            The state (prompt + k entries, as after ``forward``) and logits [k + 1, V]: row 0 at the last prompt
+            position (``prefill``'s), row i + 1 after token i (``forward``'s row i).
+        """
+        return self.prefill_fused_batch([inputs], [token_ids], [parents])[0]
+
+    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[DecodeState, torch.Tensor]]:
+        """Unpruned prefill of several prompts in one forward (rows left-padded, each state holding its own rows of
+        the batched cache); equal to ``prefill`` per prompt up to float rounding."""
+        empty = [torch.zeros(0, dtype=torch.long) for _ in inputs]
+        return [(state, rows[-1]) for state, rows in self.prefill_fused_batch(inputs, empty, [None] * len(inputs))]
+
+
 @runtime_checkable
 class VLMAdapter(Protocol):
     """What covspec needs from a vision-language model."""

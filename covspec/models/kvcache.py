@@ -158,6 +158,7 @@ def pad_fused(
     2-D (the model adds the causal part); with any tree it is 4-D: each row's prompt causal, its block's nodes seeing
     the prompt and their ancestors (``covspec.models.base.fused_tree_mask``), pad queries only themselves (no row is
     fully masked)."""
+    from covspec.decoding.tree import chain
     from covspec.models.base import fused_tree_mask
 
     totals = [int(e.shape[0]) for e in embeds]
@@ -177,8 +178,6 @@ def pad_fused(
         if not trees:
             mask[i, o:] = 1
             continue
-        from covspec.decoding.tree import chain
-
         mask[i, 0, o:, o:] = fused_tree_mask(totals[i] - k, tree if tree is not None else chain(k), dtype, device)[0, 0]
         mask[i, 0, range(o), range(o)] = 0
     return FusedBatch(out, pos, mask, totals, list(lengths), width)

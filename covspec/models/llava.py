@@ -17,18 +17,18 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from covspec.models import kvcache
 from covspec.models.base import (
     DecodeState,
+    FusedPrefill,
     PromptInputs,
     biased_causal_mask,
     decode_mask,
     eos_id_list,
-    fused_tree_mask,
     merge_bias,
     require_unbiased,
     tree_offsets,
 )
 
 
-class LlavaAdapter:
+class LlavaAdapter(FusedPrefill):
     """Wraps a loaded ``LlavaForConditionalGeneration`` and its processor."""
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, name: str = "llava") -> None:
@@ -156,74 +156,12 @@ class LlavaAdapter:
         return state, out.logits[0, -1]
 
     @torch.inference_mode()
-    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[DecodeState, torch.Tensor]]:
-        """Unpruned prefill of several prompts in one forward (vision tower and language model batched).
-
-        Prompts of different lengths are left-padded with a 2-D attention mask and per-row position ids; each state
-        then holds its own rows of the batched cache (views). Equal to ``prefill`` per prompt up to float rounding.
-        """
-        if len(inputs) == 1:
-            return [self.prefill(inputs[0])]
-        lengths = [int(x.input_ids.shape[0]) for x in inputs]
-        width, batch = max(lengths), len(inputs)
-        ids = torch.full((batch, width), int(inputs[0].input_ids[0]), dtype=torch.long, device=self.device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        positions = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        for i, (x, n) in enumerate(zip(inputs, lengths, strict=True)):
-            ids[i, width - n :] = x.input_ids
-            mask[i, width - n :] = 1
-            positions[i, width - n :] = torch.arange(n, device=self.device)
-        embeds = self.model.get_input_embeddings()(ids)
-        self.visual_features_batch(inputs)
-        image_mask = ids == self.image_token_id
-        embeds[image_mask] = torch.cat([x.visual_features for x in inputs], dim=0).to(embeds.dtype)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)  # fmt: skip
-        results = []
-        for i, n in enumerate(lengths):
-            own = DynamicCache(config=self.model.config)
-            for layer_idx, merged in enumerate(cache.layers):
-                own.update(merged.keys[i : i + 1, :, width - n :], merged.values[i : i + 1, :, width - n :], layer_idx)
-            results.append((DecodeState(cache=own, seq_len=n), out.logits[i, -1]))
-        return results
-
-    @torch.inference_mode()
-    def prefill_fused(
-        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
-    ) -> tuple[DecodeState, torch.Tensor]:
-        """Unpruned prefill and the scoring of a first block in **one** forward: ``prefill`` then ``forward(state,
-        token_ids, parents)``, without the second forward's fixed cost (the edge's first verification round).
-
-        The prompt rows attend causally, the block's rows to the whole prompt and (a token tree, ``parents``) to their
-        ancestors, at their depth's positions. Equal to the two calls up to float rounding.
-
-        Returns:
-            The state (prompt + k entries, as after ``forward``) and logits [k + 1, V]: row 0 at the last prompt
-            position (``prefill``'s), row i + 1 after token i (``forward``'s row i).
-        """
-        embeds = self.embed(inputs)  # [L, H]
-        length, k = int(embeds.shape[0]), int(token_ids.shape[0])
-        block = self.model.get_input_embeddings()(token_ids.to(self.device)).to(embeds.dtype)
-        offsets = tree_offsets(parents, k, self.device)
-        positions = torch.cat([torch.arange(length, device=self.device), length + offsets])
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            inputs_embeds=torch.cat([embeds, block])[None],
-            position_ids=positions[None],
-            attention_mask=None if parents is None else fused_tree_mask(length, parents, embeds.dtype, self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=k + 1,
-        )
-        return DecodeState(cache=cache, seq_len=length + k), out.logits[0]
-
-    @torch.inference_mode()
     def prefill_fused_batch(
         self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
     ) -> list[tuple[DecodeState, torch.Tensor]]:
-        """``prefill_fused`` for several prompts in one forward (rows left-padded: ``kvcache.pad_fused``); each
-        state holds its own rows of the batched cache. Equal to ``prefill_fused`` per prompt up to float rounding."""
+        """Prompts, each followed by its first block (``token_ids[i]``, a chain or the tree ``parents[i]``; may be
+        empty), in one forward: rows left-padded (``kvcache.pad_fused``), one vision-tower call; each state holds its
+        own rows of the batched cache. Per prompt: the state and logits [k + 1, V] (``FusedPrefill.prefill_fused``)."""
         embeds, positions, lengths = [], [], []
         self.visual_features_batch(inputs)
         for x, toks, tree in zip(inputs, token_ids, parents, strict=True):

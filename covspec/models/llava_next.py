@@ -96,15 +96,6 @@ class LlavaNextAdapter(LlavaAdapter):
         state = DecodeState(cache=cache, seq_len=int(inputs.input_ids.shape[0]))
         return state, out.logits[0, -1, : self.vocab_size]
 
-    def prefill_fused(
-        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
-    ) -> tuple[DecodeState, torch.Tensor]:
-        state, logits = super().prefill_fused(inputs, token_ids, parents)  # packed visual features, 1-D positions
-        return state, logits[:, : self.vocab_size]
-
-    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[DecodeState, torch.Tensor]]:
-        return [(state, logits[: self.vocab_size]) for state, logits in super().prefill_batch(inputs)]
-
     def prefill_fused_batch(
         self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
     ) -> list[tuple[DecodeState, torch.Tensor]]:

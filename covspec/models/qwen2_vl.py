@@ -24,11 +24,11 @@ from transformers import DynamicCache
 from covspec.models import kvcache
 from covspec.models.base import (
     DecodeState,
+    FusedPrefill,
     PromptInputs,
     biased_causal_mask,
     decode_mask,
     eos_id_list,
-    fused_tree_mask,
     merge_bias,
     require_unbiased,
     tree_offsets,
@@ -43,7 +43,7 @@ class MRopeState(DecodeState):
     rope_delta: int = 0
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(FusedPrefill):
     """Wraps a loaded ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
 
     def __init__(self, model, processor, name: str = "qwen2-vl") -> None:
@@ -202,44 +202,11 @@ class Qwen2VLAdapter:
         return state, out.logits[0, -1, : self.vocab_size]
 
     @torch.inference_mode()
-    def prefill_fused(
-        self, inputs: PromptInputs, token_ids: torch.Tensor, parents: list[int] | None = None
-    ) -> tuple[MRopeState, torch.Tensor]:
-        """Unpruned prefill and a first block in one forward (``LlavaAdapter.prefill_fused``), the block's rows at
-        ``L + rope_delta`` + their depth on all three M-RoPE rows, as ``forward`` would place them.
-
-        Returns:
-            The state and logits [k + 1, V] (row 0: the last prompt position).
-        """
-        positions, rope_delta = self.mrope(inputs)  # [3, L]
-        embeds = self.embed(inputs)
-        length, k = int(embeds.shape[0]), int(token_ids.shape[0])
-        block = self.model.get_input_embeddings()(token_ids.to(self.device)).to(embeds.dtype)
-        after = length + rope_delta + tree_offsets(parents, k, self.device)  # [k]
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            inputs_embeds=torch.cat([embeds, block])[None],
-            position_ids=torch.cat([positions, after.expand(3, k)], dim=1)[:, None],
-            attention_mask=None if parents is None else fused_tree_mask(length, parents, embeds.dtype, self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=k + 1,
-        )
-        state = MRopeState(cache=cache, seq_len=length + k, rope_delta=rope_delta)
-        return state, out.logits[0, :, : self.vocab_size]
-
-    def prefill_batch(self, inputs: list[PromptInputs]) -> list[tuple[MRopeState, torch.Tensor]]:
-        """Unpruned prefill of several prompts in one forward: ``prefill_fused_batch`` with empty blocks (rows
-        left-padded, M-RoPE positions per row). Equal to ``prefill`` per prompt up to float rounding."""
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        return [(state, rows[-1]) for state, rows in self.prefill_fused_batch(inputs, [empty] * len(inputs),
-                                                                             [None] * len(inputs))]  # fmt: skip
-
-    @torch.inference_mode()
     def prefill_fused_batch(
         self, inputs: list[PromptInputs], token_ids: list[torch.Tensor], parents: list[list[int] | None]
     ) -> list[tuple[MRopeState, torch.Tensor]]:
-        """``prefill_fused`` for several prompts in one forward (``kvcache.pad_fused``, M-RoPE positions per row)."""
+        """Prompts and their first blocks in one forward (``LlavaAdapter.prefill_fused_batch``), each block's rows at
+        ``L + rope_delta`` + their depth on all three M-RoPE rows, as ``forward`` would place them."""
         embeds, positions, lengths, deltas = [], [], [], []
         for x, toks, tree in zip(inputs, token_ids, parents, strict=True):
             prompt_positions, rope_delta = self.mrope(x)  # [3, L]

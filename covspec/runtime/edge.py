@@ -321,8 +321,7 @@ class Edge:
                 return 0
             done = 0
             with self._prefilling():
-                for s, res in zip(waiting, self._prefill_all([s.opening for s in waiting], [None] * len(waiting)),
-                                  strict=True):  # fmt: skip
+                for s, res in zip(waiting, self._prefill_all([s.opening for s in waiting]), strict=True):
                     if isinstance(res, Exception):  # it waits for its block, which gets the error reply
                         s.idle_refused = True
                         continue
@@ -442,32 +441,16 @@ class Edge:
         """Prefill pending sessions and score their first blocks: one forward for all of them when the adapter
         batches (``prefill_fused_batch``), else one each (``prefill_fused``); timed as prefill. A prompt the model
         refuses fails its session (error reply, session dropped), found one by one if the batch fails."""
-        with self._prefilling():
-            self._fused_forwards(jobs, replies)
-
-    def _fused_forwards(self, jobs: dict[int, _Job], replies: list[list[Message]]) -> None:
         items = list(jobs.items())
-        results: list[tuple[DecodeState, torch.Tensor] | None] = [None] * len(items)
-        if len(items) > 1 and hasattr(self.target, "prefill_fused_batch"):
-            try:
-                results = list(self.target.prefill_fused_batch([job.session.opening for _, job in items],
-                                                               [torch.tensor(job.tokens) for _, job in items],
-                                                               [job.parents for _, job in items]))  # fmt: skip
-                self.stats.forwards += 1
-                self.stats.prefill_forwards += 1
-            except (ValueError, RuntimeError):  # a prompt that does not fit its image: find it one by one below
-                pass
+        with self._prefilling():
+            blocks = [(torch.tensor(job.tokens), job.parents) for _, job in items]
+            results = self._prefill_all([job.session.opening for _, job in items], blocks=blocks)
         for n, (i, job) in enumerate(items):
             s = job.session
-            if results[n] is None:
-                try:
-                    results[n] = self.target.prefill_fused(s.opening, torch.tensor(job.tokens), job.parents)
-                    self.stats.forwards += 1
-                    self.stats.prefill_forwards += 1
-                except (ValueError, RuntimeError) as exc:  # e.g. placeholder count != visual tokens
-                    self.stats.errors += 1
-                    replies[i].append(error_reply(self._prefill_failed(s, exc), job.msg))
-                    continue
+            if isinstance(results[n], Exception):  # e.g. placeholder count != visual tokens
+                self.stats.errors += 1
+                replies[i].append(error_reply(self._prefill_failed(s, results[n]), job.msg))
+                continue
             self.stats.fused_prefills += 1
             self.stats.prefills += 1
             state, rows = results[n]
@@ -477,15 +460,12 @@ class Edge:
 
     def _prefill_now(self, s: Session) -> None:
         """Prefill a pending session on its own (it needs its target row before any block arrives)."""
-        try:
-            with self._prefilling():
-                s.state, logits = self.target.prefill(s.opening)
-        except (ValueError, RuntimeError) as exc:
-            raise self._prefill_failed(s, exc) from exc
-        self.stats.forwards += 1
-        self.stats.prefill_forwards += 1
+        with self._prefilling():
+            (res,) = self._prefill_all([s.opening])
+        if isinstance(res, Exception):
+            raise self._prefill_failed(s, res) from res
         self.stats.prefills += 1
-        s.last_logits, s.opening = logits.float().cpu(), None
+        s.state, s.last_logits, s.opening = res[0], res[1].float().cpu(), None
 
     def _prefill_failed(self, s: Session, exc: Exception) -> ProtocolError:
         """A pending session whose prompt the model refused is dropped; the error to answer with."""
@@ -534,7 +514,7 @@ class Edge:
             if not opens:
                 return
         with self._prefilling():
-            results = self._prefill_all([o.inputs for o in opens], [o.keep for o in opens])
+            results = self._prefill_all([o.inputs for o in opens], keeps=[o.keep for o in opens])
             for o, res in zip(opens, results, strict=True):
                 if isinstance(res, Exception):  # e.g. placeholder count != visual tokens
                     self.stats.errors += 1
@@ -544,15 +524,25 @@ class Edge:
                 self._open_session(o, res[0], res[1].float().cpu())
 
     def _prefill_all(
-        self, inputs: list[PromptInputs], keeps: list[torch.Tensor | None]
+        self,
+        inputs: list[PromptInputs],
+        keeps: list[torch.Tensor | None] | None = None,
+        blocks: list[tuple[torch.Tensor, list[int] | None]] | None = None,
     ) -> list[tuple[DecodeState, torch.Tensor] | Exception]:
-        """Prefill each prompt: the unpruned ones in one batched forward when the adapter can (one by one if that
-        fails); a prompt the model refuses gives its exception."""
+        """Prefill each prompt (``keeps[i]``: its kept visual tokens, None for all), or with ``blocks`` each prompt
+        and its first block (ids, tree) in one forward (``prefill_fused``): the unpruned ones in one batched forward
+        when the adapter can, one by one if that fails; a prompt the model refuses gives its exception."""
+        keeps = keeps or [None] * len(inputs)
         results: list[tuple[DecodeState, torch.Tensor] | Exception | None] = [None] * len(inputs)
         plain = [i for i, keep in enumerate(keeps) if keep is None]
-        if len(plain) > 1 and hasattr(self.target, "prefill_batch"):
+        if len(plain) > 1 and hasattr(self.target, "prefill_fused_batch" if blocks else "prefill_batch"):
             try:
-                for i, res in zip(plain, self.target.prefill_batch([inputs[i] for i in plain]), strict=True):
+                if blocks:
+                    batch = self.target.prefill_fused_batch([inputs[i] for i in plain], [blocks[i][0] for i in plain],
+                                                            [blocks[i][1] for i in plain])  # fmt: skip
+                else:
+                    batch = self.target.prefill_batch([inputs[i] for i in plain])
+                for i, res in zip(plain, batch, strict=True):
                     results[i] = res
                 self.stats.forwards += 1
                 self.stats.prefill_forwards += 1
@@ -561,7 +551,8 @@ class Edge:
         for i, keep in enumerate(keeps):
             if results[i] is None:
                 try:
-                    results[i] = self.target.prefill(inputs[i], keep=keep)
+                    results[i] = (self.target.prefill_fused(inputs[i], *blocks[i]) if blocks
+                                  else self.target.prefill(inputs[i], keep=keep))  # fmt: skip
                     self.stats.forwards += 1
                     self.stats.prefill_forwards += 1
                 except (ValueError, RuntimeError) as exc:
