@@ -94,7 +94,8 @@ def test_engine_covspec_greedy_equals_target_only(adapters, family):
     if family.startswith("qwen"):  # branches are grafted back into the cache: positions must follow the offset
         # wait-time branches; blocks of at most 3 tokens, so that 8 tokens take several rounds whatever the timing
         adaptive = ("drafting.policy=adaptive", "drafting.gamma_max=3", "branching.budget=4", "branching.tree=0")
-        branched = C.check_engine_greedy(target, target, samples, 8, "joint", 0.25, overrides=adaptive)
+        # a 30 ms round trip: every wait is long enough to draft branches in, whatever the host's load
+        branched = C.check_engine_greedy(target, target, samples, 8, "joint", 0.25, overrides=adaptive, rtt_ms=30.0)
         assert sum(r["branch_hits"] for r in branched) > 0
 
 

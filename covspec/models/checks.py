@@ -22,6 +22,7 @@ Each check runs one property on one adapter and raises ``CheckFailed`` (an ``Ass
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -335,6 +336,7 @@ def check_engine_greedy(
     pruning: str = "none",
     keep_ratio: float = 1.0,
     overrides: tuple[str, ...] = (),
+    rtt_ms: float = 0.0,
 ) -> list[dict]:
     """covspec greedy through ``LocalEngine`` equals target-only greedy (and the target's own decoding) per sample.
 
@@ -342,6 +344,7 @@ def check_engine_greedy(
         samples: objects with ``image()`` and ``question`` (e.g. ``covspec.data.shapes.Sample``).
         pruning: the draft's ``pruning.method``, with ``keep_ratio``.
         overrides: more dotted config overrides (e.g. ``drafting.policy=adaptive``, ``branching.budget=4``).
+        rtt_ms: the emulated link's round trip (0: co-located); a wait long enough to draft branches in.
 
     Returns:
         Per sample: tokens, accepted/drafted counts and end-to-end seconds of both runs.
@@ -359,13 +362,14 @@ def check_engine_greedy(
         *overrides,
     ]
     engine = LocalEngine(load_config(overrides=settings), target, draft, Edge(target))
+    link = dataclasses.replace(colocated_profile(), rtt_ms=rtt_ms)
     rows = []
     for sample in samples:
         image, question = sample.image(), sample.question
         t0 = time.perf_counter()
-        expected = engine.run("target_only", image, question, colocated_profile())
+        expected = engine.run("target_only", image, question, link)
         t1 = time.perf_counter()
-        got = engine.run("covspec", image, question, colocated_profile())
+        got = engine.run("covspec", image, question, link)
         t2 = time.perf_counter()
         reference = generate(target, target.prepare(image, question), max_new_tokens).token_ids
         if expected.token_ids != reference:
