@@ -70,6 +70,7 @@ METHODS = (*BASE_METHODS, *ABLATIONS)
 DTYPES = ("float32", "float16", "bfloat16")
 BENCHMARKS = ("shapes", "vqav2", "mmbench", "mmmu")  # loaders: covspec.data.load_benchmark
 SPLITS = ("train", "val", "test")
+SHAPES_KINDS = ("color", "shape", "count", "position", "describe")  # covspec.data.shapes.KINDS (a test checks)
 PRUNING_METHODS = ("none", "joint", "random", "uniform", "attention", "diversity")
 DRAFT_POLICIES = ("fixed", "adaptive")
 DRAFT_STOPS = ("cost", "threshold")
@@ -132,6 +133,17 @@ def _check_text(key: str, value: Any, *, optional: bool = False) -> None:
         return
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+
+
+def _check_list(key: str, value: Any, item: typing.Callable[[str, Any], None], *, what: str,
+                empty: bool = True) -> None:  # fmt: skip
+    """Checks a list (non-empty unless ``empty``) whose items pass ``item(key[i], value)``, none listed twice."""
+    if not isinstance(value, list) or not (empty or value):
+        raise ConfigError(f"{key} must be a {'' if empty else 'non-empty '}list{what}, got {value!r}")
+    for i, x in enumerate(value):
+        item(f"{key}[{i}]", x)
+        if x in value[:i]:
+            raise ConfigError(f"{key} lists {x!r} twice")
 
 
 def _check_bool(key: str, value: Any) -> None:
@@ -198,6 +210,9 @@ class DataConfig(_Section):
     """Number of samples to run (>= 1)."""
     offset: int = 0
     """Index of the first sample (>= 0)."""
+    kinds: list[str] = field(default_factory=list)
+    """Shapes only: the question kinds to run (``color``, ``shape``, ``count``, ``position``, ``describe``); the split's
+    samples of those kinds in index order, with the ids they have unfiltered. Empty: every kind (they alternate)."""
     path: str | None = None
     """Local data directory or file for real benchmarks (required for them); None for the synthetic one. Layouts:
     docs/benchmarks.md."""
@@ -217,13 +232,12 @@ class DataConfig(_Section):
         _check_text(_join(prefix, "path"), self.path, optional=True)
         if self.benchmark != "shapes" and self.path is None:
             raise ConfigError(f"{_join(prefix, 'path')} must be set for {_join(prefix, 'benchmark')}={self.benchmark}")
+        _check_list(_join(prefix, "kinds"), self.kinds, lambda k, v: _check_choice(k, v, SHAPES_KINDS), what="")
+        if self.kinds and self.benchmark != "shapes":
+            raise ConfigError(f"{_join(prefix, 'kinds')} applies to {_join(prefix, 'benchmark')}=shapes only, "
+                              f"got {self.benchmark!r}")  # fmt: skip
         key = _join(prefix, "subjects")
-        if not isinstance(self.subjects, list):
-            raise ConfigError(f"{key} must be a list of strings, got {self.subjects!r}")
-        for i, subject in enumerate(self.subjects):
-            _check_text(f"{key}[{i}]", subject)
-            if subject in self.subjects[:i]:
-                raise ConfigError(f"{key} lists {subject!r} twice")
+        _check_list(key, self.subjects, _check_text, what=" of strings")
         if self.subjects and self.benchmark != "mmmu":
             raise ConfigError(f"{key} applies to {_join(prefix, 'benchmark')}=mmmu only, got {self.benchmark!r}")
         _check_choice(_join(prefix, "multi_image"), self.multi_image, MULTI_IMAGE)
@@ -587,13 +601,8 @@ class Config(_Section):
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "seed"), self.seed, 0, _MAX_SEED)
         _check_choice(_join(prefix, "method"), self.method, METHODS)
-        key = _join(prefix, "methods")
-        if not isinstance(self.methods, list) or not self.methods:
-            raise ConfigError(f"{key} must be a non-empty list, got {self.methods!r}")
-        for i, method in enumerate(self.methods):
-            _check_choice(f"{key}[{i}]", method, METHODS)
-            if method in self.methods[:i]:
-                raise ConfigError(f"{key} lists {method!r} twice")
+        _check_list(_join(prefix, "methods"), self.methods, lambda k, v: _check_choice(k, v, METHODS), what="",
+                    empty=False)  # fmt: skip
         _check_int(_join(prefix, "threads"), self.threads, 1)
         _check_text(_join(prefix, "output"), self.output, optional=True)
 

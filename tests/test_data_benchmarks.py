@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from covspec.config import load_config
+from covspec.config import SHAPES_KINDS, load_config
 from covspec.data import load_benchmark
 from covspec.data.choices import extract_choice, open_answer_match
 from covspec.data.metrics import benchmark_score
 from covspec.data.mmbench import load_mmbench
 from covspec.data.mmmu import load_mmmu
-from covspec.data.shapes import load_split
+from covspec.data.shapes import KINDS, load_split
 from covspec.data.vqa_eval import normalize_answer, vqa_accuracy
 from covspec.data.vqav2 import load_vqav2
 from covspec.errors import ConfigError, InputError
@@ -560,6 +560,9 @@ def test_mmmu_malformed_rows_are_named(tmp_path: Path, changes: dict, message: s
 def test_load_benchmark_shapes_is_load_split():
     cfg = load_config(None, ["data.limit=3", "data.offset=2", "data.split=val", "seed=5"])
     assert load_benchmark(cfg.data, seed=cfg.seed) == load_split("val", 3, seed=5, offset=2)
+    cfg = load_config(None, ["data.limit=2", "data.kinds=[describe]"])
+    assert [s.sample_id for s in load_benchmark(cfg.data)] == ["test-000004", "test-000009"]
+    assert SHAPES_KINDS == KINDS  # the config's copy, checked without importing the data package
     sample = load_benchmark(cfg.data, seed=cfg.seed)[0]
     assert sample.score(sample.answer) == 1.0 and sample.score("no") == 0.0
 
@@ -588,6 +591,10 @@ def test_load_benchmark_dispatches_on_the_config(vqa_dir: Path, mmb_tsv: Path, m
         ),
         (["data.subjects=Art"], "data.subjects must be a list"),
         (["data.circular=true"], "data.circular applies to data.benchmark=mmbench only"),
+        (["data.kinds=[colour]"], "data.kinds[0] must be one of 'color', 'shape', 'count', 'position', 'describe'"),
+        (["data.kinds=[count, count]"], "data.kinds lists 'count' twice"),
+        (["data.kinds=count"], "data.kinds must be a list of strings, got 'count'"),
+        (["data.benchmark=vqav2", "data.path=x", "data.kinds=[count]"], "data.kinds applies to data.benchmark=shapes"),
     ],
 )
 def test_data_config_keys_are_validated(overrides: list[str], message: str):

@@ -91,6 +91,18 @@ def test_load_split_is_make_sample_in_order():
     assert [s.sample_id for s in load_split("test", 2, offset=10)] == ["test-000010", "test-000011"]
 
 
+def test_load_split_kinds_filters_the_same_samples():
+    everything = load_split("test", 30, seed=3)
+    describe = load_split("test", 4, seed=3, kinds=["describe"])
+    assert [s.kind for s in describe] == ["describe"] * 4
+    assert describe == [s for s in everything if s.kind == "describe"][:4]  # same samples, same ids
+    two = load_split("test", 5, seed=3, offset=1, kinds=["count", "color"])
+    assert two == [s for s in everything[1:] if s.kind in ("count", "color")][:5]
+    assert load_split("test", 3, seed=3, kinds=list(KINDS)) == everything[:3]
+    with pytest.raises(ValueError, match="unknown question kind 'colour'"):
+        load_split("test", 1, kinds=["colour"])
+
+
 # -- splits ------------------------------------------------------------------------------------------------------
 
 

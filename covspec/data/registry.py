@@ -29,7 +29,7 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
     """The samples that ``data`` selects: ``data.limit`` of them (fewer if the files hold fewer) from ``data.offset``.
 
     Args:
-        data: the ``data`` config section (benchmark, path, split, limit, offset, subjects).
+        data: the ``data`` config section (benchmark, path, split, limit, offset, kinds, subjects).
         seed: seed of the synthetic shapes benchmark (the config's top-level ``seed``); file benchmarks ignore it.
 
     Returns:
@@ -44,7 +44,7 @@ def load_benchmark(data: DataConfig, seed: int = 0) -> list[BenchmarkSample]:
     if data.benchmark == "shapes":
         from covspec.data.shapes import load_split
 
-        return load_split(data.split, data.limit, seed=seed, offset=data.offset)
+        return load_split(data.split, data.limit, seed=seed, offset=data.offset, kinds=data.kinds)
     if data.path is None:
         raise ConfigError(f"data.path must be set for data.benchmark={data.benchmark} (see docs/benchmarks.md)")
     if data.circular and data.benchmark != "mmbench":

@@ -18,7 +18,9 @@ Question kinds and answer templates:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -193,9 +195,16 @@ def make_sample(split: str, index: int, seed: int = 0, kind: str | None = None) 
             return Sample(f"{split}-{index:06d}", split, kind, question, answer, scene)
 
 
-def load_split(split: str, limit: int, seed: int = 0, offset: int = 0) -> list[Sample]:
-    """``limit`` consecutive samples of ``split`` starting at ``offset``."""
-    return [make_sample(split, i, seed) for i in range(offset, offset + limit)]
+def load_split(split: str, limit: int, seed: int = 0, offset: int = 0, kinds: Sequence[str] = ()) -> list[Sample]:
+    """``limit`` consecutive samples of ``split`` starting at index ``offset``; with ``kinds``, only the samples of
+    those question kinds, in index order: the same samples, with the same ids, as the unfiltered split holds."""
+    if not kinds:
+        return [make_sample(split, i, seed) for i in range(offset, offset + limit)]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown question kind {unknown[0]!r}; expected one of {', '.join(KINDS)}")
+    indices = (i for i in itertools.count(offset) if KINDS[i % len(KINDS)] in kinds)
+    return [make_sample(split, i, seed) for i in itertools.islice(indices, limit)]
 
 
 def vocabulary() -> list[str]:
