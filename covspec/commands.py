@@ -95,7 +95,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             )
         )
     table = Table(title=f"{args.model} ({cfg.models.target.path if args.model == 'target' else cfg.models.draft.path})"
-                  f" on {cfg.data.benchmark}/{cfg.data.split}, {len(samples)} samples")  # fmt: skip
+                  f" on {cfg.data.label()}, {len(samples)} samples")  # fmt: skip
     scored = cfg.data.benchmark != "shapes"  # the benchmark's own metric; on shapes it is the exact match
     for col in ("kind", "n", *(["score"] if scored else []), "exact match", "token F1"):
         table.add_column(col, justify="right" if col != "kind" else "left")

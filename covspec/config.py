@@ -224,6 +224,11 @@ class DataConfig(_Section):
     """MMMU questions with several images: ``first`` (the row's first image, as MMMU's reference evaluation of
     single-image models) or ``concat`` (all of them side by side, left to right). MMMU only."""
 
+    def label(self) -> str:
+        """``benchmark/split``, with the kinds or subjects chosen: how tables name the samples."""
+        chosen = self.kinds or self.subjects
+        return f"{self.benchmark}/{self.split}" + (f" [{', '.join(chosen)}]" if chosen else "")
+
     def _check(self, prefix: str) -> None:
         _check_choice(_join(prefix, "benchmark"), self.benchmark, BENCHMARKS)
         _check_choice(_join(prefix, "split"), self.split, SPLITS)

@@ -282,7 +282,7 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
     costs = report["costs"]
     link = cfg.link
     table = Table(
-        title=f"covspec bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
+        title=f"covspec bench: {report['samples']} samples of {cfg.data.label()}, "
         f"link rtt {link.rtt_ms:g} ms, up {link.up_mbps:g} / down {link.down_mbps:g} Mbit/s, "
         f"T={cfg.generation.temperature:g}, gamma={cfg.drafting.gamma}, m={cfg.verification.num_candidates}, "
         f"edge in a {report.get('edge_mode', 'thread')}"

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.pruning
     pruning = "unpruned" if p.method == "none" else f"{p.method} {p.keep_ratio:g}{' + merge' if p.merge else ''}"
     print_report(report["summary"], f"draft {cfg.models.draft.path} ({pruning}) vs target {cfg.models.target.path}, "
-                 f"{cfg.data.benchmark}/{cfg.data.split}, teacher-forced on the target's greedy answers")  # fmt: skip
+                 f"{cfg.data.label()}, teacher-forced on the target's greedy answers")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "draft_coverage.json"
     out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

@@ -186,7 +186,7 @@ def print_table(report: dict[str, Any], summary: list[dict[str, Any]], file=None
     cfg: Config = report["config"]
     d, link = cfg.drafting, cfg.link
     table = Table(
-        title=f"drafting bench: {report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}, "
+        title=f"drafting bench: {report['samples']} samples of {cfg.data.label()}, "
         f"T={cfg.generation.temperature:g}, fixed gamma={d.gamma}, adaptive gamma in [{d.gamma_min}, {d.gamma_max}], "
         f"threshold {d.threshold:g}, "
         f"budget {cfg.branching.budget or DEFAULT_BUDGET}, tree {cfg.branching.tree or DEFAULT_TREE}, "

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                          merges=merges, as_configured=args.as_configured)  # fmt: skip
         summary = report["summary"]
         lossy = " [LOSSY: the target is pruned too]" if cfg.pruning.prune_target else ""
-        where = f"{report['samples']} samples of {cfg.data.benchmark}/{cfg.data.split}"
+        where = f"{report['samples']} samples of {cfg.data.label()}"
         print_table(summary, f"visual token pruning: {where}, draft {cfg.models.draft.path}, greedy, "
                     f"{drafting_label(report['config'])}{lossy}")  # fmt: skip
         for goal, value in report["goals"].items():

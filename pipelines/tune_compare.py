@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except CovspecError as err:
         print(f"tune_compare: error: {err}", file=sys.stderr)
         return 2
-    table = Table(title=f"{rows[0]['samples']} samples of {base.data.benchmark}/{base.data.split}, link rtt "
+    table = Table(title=f"{rows[0]['samples']} samples of {base.data.label()}, link rtt "
                   f"{base.link.rtt_ms:g} ms; tuned: {args.best}")  # fmt: skip
     cols = [("row", "row", "s"), ("tok/s", "tokens_per_s", ".1f"), ("vs target-only", "speedup", ".3f"),
             ("B/tok", "bytes_per_token", ".1f"), ("acc.len", "mean_accepted_length", ".2f"),

@@ -562,6 +562,8 @@ def test_load_benchmark_shapes_is_load_split():
     assert load_benchmark(cfg.data, seed=cfg.seed) == load_split("val", 3, seed=5, offset=2)
     cfg = load_config(None, ["data.limit=2", "data.kinds=[describe]"])
     assert [s.sample_id for s in load_benchmark(cfg.data)] == ["test-000004", "test-000009"]
+    assert cfg.data.label() == "shapes/test [describe]"  # how tables name the samples
+    assert load_config(None, ["data.split=val"]).data.label() == "shapes/val"
     assert SHAPES_KINDS == KINDS  # the config's copy, checked without importing the data package
     sample = load_benchmark(cfg.data, seed=cfg.seed)[0]
     assert sample.score(sample.answer) == 1.0 and sample.score("no") == 0.0

@@ -358,7 +358,7 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
 
     c = cfg.cluster
     passes = f" x {c.repeats} passes (pooled)" if c.repeats > 1 else ""
-    table = Table(title=f"covspec run {run_id}: {cfg.data.benchmark}/{cfg.data.split}, {cfg.data.limit} samples x "
+    table = Table(title=f"covspec run {run_id}: {cfg.data.label()}, {cfg.data.limit} samples x "
                   f"{len(cfg.methods)} methods{passes} on {c.num_devices} devices, edge {c.edge_replicas} replica(s); "
                   f"link rtt {cfg.link.rtt_ms:g} ms; T={cfg.generation.temperature:g}")  # fmt: skip
     longest = max((len(row["method"]) for row in summary), default=6)
