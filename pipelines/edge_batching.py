@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     batches = [int(b) for b in args.batches.split(",")]
     rows = measure(cfg, batches, args.k, args.repeats)
-    print(f"edge batching on {cfg.models.target.path}, {cfg.threads} torch threads, medians of {args.repeats}")
+    match = "" if cfg.threads == cfg.cluster.edge_threads else (
+        f" (covspec run's edge computes on cluster.edge_threads = {cfg.cluster.edge_threads}: "
+        f"threads={cfg.cluster.edge_threads} to time it so)")  # fmt: skip
+    print(f"edge batching on {cfg.models.target.path}, {cfg.threads} torch threads{match}, medians of {args.repeats}")
     print(f"{'kind':8} {'k':>3} {'batch':>5} {'ms/batch':>9} {'tokens/s':>9} {'vs batch 1':>10} "
           f"{'paired: median [p25-p75]':>25}")  # fmt: skip
     for r in rows:

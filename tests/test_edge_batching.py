@@ -349,6 +349,9 @@ def test_edge_batching_pipeline_prints_costs_and_saturation_capacity(capsys):
     out = capsys.readouterr().out
     assert "verify" in out and "decode" in out and "prefill" in out and "edge capacity at saturation" in out
     assert "fused" in out and "separate prefill" in out
+    assert "1 torch threads, medians" in out  # as the edge computes (cluster.edge_threads): no hint
+    assert edge_batching.main(["--batches", "1", "--repeats", "1", "threads=2", "data.limit=1"]) == 0
+    assert "threads=1 to time it so" in capsys.readouterr().out  # a thread count other than the edge's is flagged
     rows = [{"kind": k, "batch": b, "ms": ms} for k, b, ms in
             (("verify", 1, 10.0), ("decode", 1, 5.0), ("prefill", 1, 20.0), ("fused", 1, 22.0))]  # fmt: skip
     (cap,) = edge_batching.saturation(rows, tau=4.0, tokens=10.0)
