@@ -455,6 +455,11 @@ class ClusterConfig(_Section):
     """GPUs Ray reserves per device actor (>= 0, fractional allowed)."""
     edge_threads: int = 1
     """Torch threads of each edge replica (>= 1); with 1, the edge's CPU time is its compute time."""
+    edge_cores: list[int] = field(default_factory=list)
+    """CPU cores the edge replicas' processes are pinned to (Linux); empty: not pinned. With ``device_cores`` on
+    other cores, devices emulate their own compute (docs/cluster.md)."""
+    device_cores: list[int] = field(default_factory=list)
+    """CPU cores the device actors' processes are pinned to (Linux); empty: not pinned."""
     max_batch_size: int = 16
     """Most requests one batched target forward takes (1..1024)."""
     batch_wait_ms: float = 2.0
@@ -490,6 +495,9 @@ class ClusterConfig(_Section):
         _check_int(_join(prefix, "edge_replicas"), self.edge_replicas, 1, 64)
         _check_number(_join(prefix, "edge_cpus"), self.edge_cpus, 0, 64, low_open=True)
         _check_int(_join(prefix, "edge_threads"), self.edge_threads, 1)
+        for name in ("edge_cores", "device_cores"):
+            _check_list(_join(prefix, name), getattr(self, name), lambda k, v: _check_int(k, v, 0, 65535),
+                        what=" of core numbers")  # fmt: skip
         _check_number(_join(prefix, "edge_gpus"), self.edge_gpus, 0)
         _check_number(_join(prefix, "device_gpus"), self.device_gpus, 0)
         _check_int(_join(prefix, "max_batch_size"), self.max_batch_size, 1, 1024)

@@ -50,6 +50,7 @@ class DeviceWorker:
         from ray import serve
 
         from covspec.cluster.edge_app import DEPLOYMENT_NAME
+        from covspec.cluster.placement import pin_process
         from covspec.cluster.transport import ServeTransport
         from covspec.config import load_config_text
         from covspec.models.loading import load_adapter
@@ -64,6 +65,7 @@ class DeviceWorker:
         sys.setswitchinterval(LINK_SWITCH_INTERVAL_S)
         if self.cfg.cluster.device_nice:
             os.nice(self.cfg.cluster.device_nice)
+        self.cores = pin_process(self.cfg.cluster.device_cores, "cluster.device_cores")
         m = self.cfg.models.draft
         self.draft = load_adapter(m.path, m.dtype, m.device, key="models.draft.path")
         self.link_cfg = device_link(self.cfg, index)
@@ -76,7 +78,8 @@ class DeviceWorker:
     def ping(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "peer": self.peer, "rtt_ms": self.link_cfg.rtt_ms,
                 "compute_slowdown": self.link_cfg.compute_slowdown,
-                "switch_interval_s": sys.getswitchinterval(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
+                "switch_interval_s": sys.getswitchinterval(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                "cores": self.cores}  # fmt: skip
 
     def _device(self, method: str):
         from covspec.pruning import build_pruner

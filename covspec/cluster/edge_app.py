@@ -152,11 +152,13 @@ class EdgeServer:
     def __init__(self, cfg_yaml: str, board_name: str | None = None, namespace: str | None = None) -> None:
         import torch
 
+        from covspec.cluster.placement import pin_process
         from covspec.config import load_config_text
         from covspec.models.loading import load_adapter
 
         cfg = load_config_text(cfg_yaml)
         torch.set_num_threads(cfg.cluster.edge_threads)
+        self.cores = pin_process(cfg.cluster.edge_cores, "cluster.edge_cores")  # before the engine thread starts
         m = cfg.models.target
         self.edge = Edge(load_adapter(m.path, m.dtype, m.device, key="models.target.path"),
                          session_ttl_s=cfg.cluster.session_ttl_s,
@@ -212,7 +214,7 @@ class EdgeServer:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's statistics and live sessions."""
-        return {"replica": self.replica, "sessions": len(self.edge.sessions), "nice": self.nice,
+        return {"replica": self.replica, "sessions": len(self.edge.sessions), "nice": self.nice, "cores": self.cores,
                 **self.edge.stats.to_dict()}  # fmt: skip
 
     async def crash(self) -> None:

@@ -96,6 +96,11 @@ class Cluster:
 
         self.cfg = cfg
         c = cfg.cluster
+        if not c.address:  # a local Ray: the actors see this machine's cores, so a bad core is a config error now
+            from covspec.cluster.placement import check_cores
+
+            check_cores(c.edge_cores, "cluster.edge_cores")
+            check_cores(c.device_cores, "cluster.device_cores")
         self._started_ray = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -123,6 +128,7 @@ class Cluster:
         self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
         edge = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name).stats.remote().result()
         self.edge_nice: int = edge["nice"]
+        self.edge_cores: list[int] = edge["cores"]
 
     def edge_stats(self) -> dict[str, Any]:
         import ray
@@ -386,10 +392,17 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same byte formulas at a "
         f"151,936-token vocabulary. Placement: {c.num_devices} device actors x {c.device_cpus:g} CPU, "
         f"{c.device_threads} torch thread(s) each; edge {c.edge_replicas} x {c.edge_cpus:g} CPU, {c.edge_threads} "
-        f"thread(s){'' if nice is None else f'; niceness: devices {nice[0]}, edge {nice[1]}'}; this machine has "
-        f"{os.cpu_count()} cores shared by all of them."
+        f"thread(s){'' if nice is None else f'; niceness: devices {nice[0]}, edge {nice[1]}'}{_pinning(c)}; this "
+        f"machine has {os.cpu_count()} cores{'' if c.edge_cores or c.device_cores else ' shared by all of them'}."
     )  # fmt: skip
     return console.export_text()
+
+
+def _pinning(c) -> str:
+    """The placement note's part on pinned cores (``cluster.edge_cores`` / ``cluster.device_cores``)."""
+    parts = [f"{who} pinned to core(s) {', '.join(map(str, cores))}"
+             for who, cores in (("edge", c.edge_cores), ("devices", c.device_cores)) if cores]  # fmt: skip
+    return "".join(f"; {p}" for p in parts)
 
 
 def _plots(summary: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -> list[Path]:

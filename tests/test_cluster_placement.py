@@ -1,0 +1,71 @@
+"""Pinning actors to CPU cores (``cluster.edge_cores`` / ``cluster.device_cores``): no Ray needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+import pytest
+
+from covspec.cluster.experiment import _pinning
+from covspec.cluster.placement import available_cores, check_cores, pin_process
+from covspec.config import load_config
+from covspec.errors import ConfigError
+
+linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs os.sched_setaffinity")
+
+
+def _thread_cores() -> set[frozenset[int]]:
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+
+
+@linux
+def test_pin_process_pins_every_thread_and_the_threads_started_later():
+    original = available_cores()
+    ready, stop = threading.Event(), threading.Event()
+    before = threading.Thread(target=lambda: (ready.set(), stop.wait()), daemon=True)  # running before the pin
+    before.start()
+    ready.wait()
+    one = [original[-1]]
+    try:
+        assert pin_process(one, "cluster.edge_cores") == one
+        assert _thread_cores() == {frozenset(one)}  # the thread that was already running too
+        seen: list[set[int]] = []
+        later = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        later.start()
+        later.join()
+        assert seen == [set(one)]
+    finally:
+        stop.set()
+        pin_process(original, "cluster.edge_cores")
+    assert available_cores() == original
+    assert pin_process([], "cluster.edge_cores") == original  # empty: nothing pinned
+
+
+@linux
+def test_a_core_the_machine_does_not_have_is_a_config_error_naming_the_key():
+    count, before = os.cpu_count(), _thread_cores()
+    with pytest.raises(ConfigError, match=re.escape(f"cluster.device_cores: core {count} is not on this machine")):
+        pin_process([0, count], "cluster.device_cores")
+    assert _thread_cores() == before  # refused before any thread was pinned
+    check_cores([], "cluster.edge_cores")  # nothing to check
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.edge_cores=[-1]", "cluster.edge_cores[0] must be"),
+        ("cluster.device_cores=[0, 0]", "cluster.device_cores lists 0 twice"),
+        ("cluster.edge_cores=0", "cluster.edge_cores must be a list"),
+    ],
+)
+def test_core_lists_are_validated(override: str, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_the_run_table_says_what_is_pinned():
+    c = load_config(None, ["cluster.edge_cores=[0]", "cluster.device_cores=[1, 2]"]).cluster
+    assert _pinning(c) == "; edge pinned to core(s) 0; devices pinned to core(s) 1, 2"
+    assert _pinning(load_config(None, []).cluster) == ""
