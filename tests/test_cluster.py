@@ -106,17 +106,18 @@ def cluster(ray_session):
     order; the last one kills the devices)."""
     from covspec.cluster.experiment import Cluster
 
-    every = ",".join(map(str, range(os.cpu_count() or 1)))
-    cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40", f"cluster.edge_cores=[{os.cpu_count() - 1}]",
-                             f"cluster.device_cores=[{every}]"])  # fmt: skip
+    cores = sorted(os.sched_getaffinity(0))  # the cores Ray's workers may use here
+    cfg = load_config(None, [*SMALL, "generation.max_new_tokens=40", f"cluster.edge_cores=[{cores[-1]}]",
+                             f"cluster.device_cores=[{','.join(map(str, cores))}]"])  # fmt: skip
     cl = Cluster(cfg, log=lambda m: None)
     yield cl
     cl.close()
 
 
 def test_the_edge_replica_and_the_devices_run_on_the_cores_they_are_pinned_to(cluster):
-    assert cluster.edge_cores == [os.cpu_count() - 1]
-    assert [info["cores"] for info in cluster.info] == [list(range(os.cpu_count()))] * 2
+    cores = sorted(os.sched_getaffinity(0))
+    assert cluster.edge_cores == cores[-1:]
+    assert [info["cores"] for info in cluster.info] == [cores] * 2
 
 
 def test_a_device_killed_mid_sample_has_its_sample_retried_elsewhere(cluster, toy_pair):
