@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covspec.config import Config, config_to_yaml
+from covspec.config import ClusterConfig, Config, config_to_yaml
 from covspec.errors import CovspecError, InputError
 
 RESULTS_ROOT = Path("results")
@@ -398,7 +398,7 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
     return console.export_text()
 
 
-def _pinning(c) -> str:
+def _pinning(c: ClusterConfig) -> str:
     """The placement note's part on pinned cores (``cluster.edge_cores`` / ``cluster.device_cores``)."""
     parts = [f"{who} pinned to core(s) {', '.join(map(str, cores))}"
              for who, cores in (("edge", c.edge_cores), ("devices", c.device_cores)) if cores]  # fmt: skip
