@@ -325,8 +325,7 @@ class Edge:
                     if isinstance(res, Exception):  # it waits for its block, which gets the error reply
                         s.idle_refused = True
                         continue
-                    s.state, s.last_logits, s.opening = res[0], res[1].float().cpu(), None
-                    self.stats.prefills += 1
+                    self._prefilled(s, res[0], res[1].float().cpu())
                     self.stats.idle_prefills += 1
                     done += 1
             return done
@@ -452,10 +451,9 @@ class Edge:
                 replies[i].append(error_reply(self._prefill_failed(s, results[n]), job.msg))
                 continue
             self.stats.fused_prefills += 1
-            self.stats.prefills += 1
             state, rows = results[n]
             rows = rows.float().cpu()
-            s.state, s.last_logits, s.opening = state, rows[0], None
+            self._prefilled(s, state, rows[0])
             replies[i].extend(job.finish(rows[1:]))
 
     def _prefill_now(self, s: Session) -> None:
@@ -464,8 +462,12 @@ class Edge:
             (res,) = self._prefill_all([s.opening])
         if isinstance(res, Exception):
             raise self._prefill_failed(s, res) from res
+        self._prefilled(s, res[0], res[1].float().cpu())
+
+    def _prefilled(self, s: Session, state: DecodeState, logits: torch.Tensor) -> None:
+        """A pending session's prefill is done: its cache and the target row after the prompt ([V], float32, host)."""
+        s.state, s.last_logits, s.opening = state, logits, None
         self.stats.prefills += 1
-        s.state, s.last_logits, s.opening = res[0], res[1].float().cpu(), None
 
     def _prefill_failed(self, s: Session, exc: Exception) -> ProtocolError:
         """A pending session whose prompt the model refused is dropped; the error to answer with."""
@@ -507,10 +509,13 @@ class Edge:
         if not opens:
             return
         if self.defer_prefill:  # speculative sessions wait for their first block (see the class docstring)
-            deferred = [o for o in opens if o.keep is None and o.msg.method != "target_only"]
-            for o in deferred:
-                self._open_session(o, None, None)
-            opens = [o for o in opens if not any(o is d for d in deferred)]
+            now = []
+            for o in opens:
+                if o.keep is None and o.msg.method != "target_only":
+                    self._open_session(o, None, None)
+                else:
+                    now.append(o)
+            opens = now
             if not opens:
                 return
         with self._prefilling():
