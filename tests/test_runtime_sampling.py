@@ -6,7 +6,10 @@ distribution p at that position: chi-square goodness of fit p-value > 1e-3 and t
 from 20,000 draws by 1/sqrt(n) (0.026).
 A deliberately broken corrector (always take the first candidate) must fail the same test. With adaptive drafting
 and parallel branching on (6,000 requests), the first two tokens must also follow the target's joint distribution,
-and a draft close to the target (so that branches match often) must keep the first three tokens exact.
+and a draft close to the target (so that branches match often) must keep the first three tokens exact. Token trees
+under sampling (corrections that take an alternative commit the edge's verdict on its continuation) must keep the
+first two tokens' joint distribution and the third token's conditional, and an edge that skips the continuation's
+accept test must fail.
 
 The requests are independent, so their seeds are split over two worker processes (spawned once per module, one
 core each): every request still runs the whole path in its worker, with the same models built from the same seeds.
@@ -24,9 +27,10 @@ import torch
 from scipy import stats
 
 import covspec.runtime.device as device_module
+import covspec.runtime.edge as edge_module
 from covspec.data.shapes import load_split
 from covspec.decoding.sampling import probs_from_logits
-from covspec.decoding.verify import correct_from_candidates
+from covspec.decoding.verify import accept_drafts, correct_from_candidates
 from covspec.models.tiny import TinySpec, tiny_llava
 from covspec.protocol import Link, LinkProfile, MoreCandidates, decode
 from covspec.runtime.device import Device, DeviceSettings
@@ -81,15 +85,21 @@ def losing_corrections(edge: Edge):
     return handle
 
 
+def _accept_all(draft_ids, *_):
+    return torch.tensor(draft_ids.shape[-1])
+
+
 def run_seeds(method: str, seeds: range, max_new_tokens: int, draft_kind: str, rtt_ms: float | None,
-              broken: bool, settings: dict, lose_corrections: bool = False,
-              ) -> tuple[np.ndarray, list[tuple[int, int, int]], float]:  # fmt: skip
+              broken: bool, settings: dict, lose_corrections: bool = False, broken_tree: bool = False,
+              ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], float]:  # fmt: skip
     """Worker body: one full device<->edge request per seed. Returns the first ``max_new_tokens`` tokens (EOS-padded),
-    (branch hits, misses, session reopens) per request, and a fingerprint of the target's first-token logits (the
-    parent checks that the worker built the same model)."""
+    (branch hits, misses, session reopens, tree hits) per request, and a fingerprint of the target's first-token
+    logits (the parent checks that the worker built the same model)."""
     torch.set_num_threads(1)
     # Taking the first candidate, skipping the max(0, 1 - q/p) test, is biased. Set on every call: workers are reused.
     device_module.correct_from_candidates = (lambda ids, *_: int(ids[0])) if broken else correct_from_candidates
+    # So is accepting a tree alternative's whole continuation (the edge's accept test of it skipped).
+    edge_module.accept_drafts = _accept_all if broken_tree else accept_drafts
     if draft_kind not in _CACHE:
         _CACHE[draft_kind] = _models(draft_kind)
     target, draft = _CACHE[draft_kind]
@@ -107,7 +117,7 @@ def run_seeds(method: str, seeds: range, max_new_tokens: int, draft_kind: str, r
                                **{"num_candidates": 2, **settings})  # fmt: skip
             r = Device(draft, transport, s).run(image, sample.question)
             tokens[i, : len(r.token_ids)] = r.token_ids
-            branches.append((r.branch_hits, r.branch_misses, r.session_reopens))
+            branches.append((r.branch_hits, r.branch_misses, r.session_reopens, r.tree_hits))
     finally:
         transport.close()
     return tokens, branches, float(logits.double().sum())
@@ -135,13 +145,13 @@ def setup(pool):
 
 def generations(setup, method: str, draws: int, max_new_tokens: int = 1, draft: str = "random",
                 rtt_ms: float | None = None, broken: bool = False, lose_corrections: bool = False,
-                **settings):  # fmt: skip
+                broken_tree: bool = False, **settings):  # fmt: skip
     """The first ``max_new_tokens`` tokens of ``draws`` requests (seeds 0..draws-1, split over the workers), padded
-    with EOS; and (branch hits, misses, session reopens) per request."""
+    with EOS; and (branch hits, misses, session reopens, tree hits) per request."""
     pool, fingerprint = setup[6], setup[7]
     bounds = np.linspace(0, draws, WORKERS + 1).astype(int)
     jobs = [pool.submit(run_seeds, method, range(a, b), max_new_tokens, draft, rtt_ms, broken, settings,
-                        lose_corrections)
+                        lose_corrections, broken_tree)
             for a, b in itertools.pairwise(bounds)]  # fmt: skip
     parts = [job.result() for job in jobs]
     for _, _, worker_fingerprint in parts:
@@ -209,7 +219,7 @@ def test_covspec_first_token_follows_target_distribution(setup, variant):
         counts = first_tokens(setup, "covspec", DRAWS)
     else:  # two tokens, so that the second comes from a branch whenever one matched
         tokens, branches = generations(setup, "covspec", BRANCHING_DRAWS, max_new_tokens=2, **PIPELINED)
-        assert sum(h + m for h, m, _ in branches) > BRANCHING_DRAWS // 2  # the branching loop ran
+        assert sum(h + m for h, m, *_ in branches) > BRANCHING_DRAWS // 2  # the branching loop ran
         counts = np.bincount(tokens[:, 0], minlength=len(p)).astype(float)
         pvalue, tv = fit(pair_counts(tokens, len(p)), pair_probs(setup).ravel())
         assert pvalue > 1e-3, (pvalue, tv)
@@ -224,8 +234,8 @@ def test_drafts_reused_from_branches_keep_sampling_exact(setup):
     two tokens follow the target's joint distribution, and the third its conditional after the commonest pair."""
     target = setup[0]
     tokens, branches = generations(setup, "covspec", 3_000, max_new_tokens=3, draft="close", rtt_ms=2.0, **PIPELINED)
-    hits = sum(h for h, _, _ in branches)
-    assert hits > 0.05 * sum(h + m for h, m, _ in branches), hits
+    hits = sum(h for h, *_ in branches)
+    assert hits > 0.05 * sum(h + m for h, m, *_ in branches), hits
     v, eos = target.vocab_size, target.eos_token_id
     pvalue, tv = fit(pair_counts(tokens, v), pair_probs(setup).ravel())
     assert pvalue > 1e-3, (pvalue, tv)
@@ -265,10 +275,50 @@ def test_a_correction_resumed_after_a_lost_session_stays_exact(setup):
     _, d_logits = draft.prefill(draft.prepare(sample.image(), sample.question))
     q = probs_from_logits(d_logits.double(), TEMPERATURE).numpy()
     tokens, info = generations(setup, "covspec", 2_000, draft="mid", lose_corrections=True, num_candidates=1)
-    resumed = np.array([reopens > 0 for _, _, reopens in info])
+    resumed = np.array([reopens > 0 for _, _, reopens, _ in info])
     assert resumed.sum() > 250, resumed.sum()
     residual = np.maximum(p - q, 0.0)
     pvalue, tv = fit(np.bincount(tokens[resumed, 0], minlength=len(p)).astype(float), residual / residual.sum())
     assert pvalue > 1e-3, (pvalue, tv)
     pvalue, tv = fit(np.bincount(tokens[:, 0], minlength=len(p)).astype(float), p)
     assert pvalue > 1e-3, (pvalue, tv)
+
+
+TREE = dict(policy="fixed", gamma=2, tree=2, num_candidates=1)
+"""Blocks of two tokens, each with two alternatives (the draft's second and third choices after the first token, then
+a continuation of one token); one candidate per reply, so that corrections often need more."""
+
+
+def _conditional_after_commonest_pair(setup, tokens: np.ndarray) -> tuple[float, float, int]:
+    v, eos = setup[0].vocab_size, setup[0].eos_token_id
+    pairs = pair_counts(tokens, v)
+    pairs[eos * v : (eos + 1) * v] = pairs[eos::v] = 0  # prefixes that go on
+    t0, t1 = divmod(int(np.argmax(pairs)), v)
+    after = tokens[(tokens[:, 0] == t0) & (tokens[:, 1] == t1), 2]
+    return *fit(np.bincount(after, minlength=v).astype(float), target_probs(setup, [t0, t1])), len(after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fixed", "branching"])
+def test_sampling_token_trees_keep_the_target_distribution(setup, variant):
+    """A draft whose first token is often rejected ("mid"), blocks of two with two alternatives at each position:
+    whenever the correction is an alternative's root, the device commits the edge's verdict on its continuation
+    (accepted, or rejected and corrected from that alternative's candidates; then its bonus or the next block). The
+    first two tokens follow the target's joint distribution, the third its conditional after the commonest pair; with
+    wait-time branching on too, the alternatives' caches are grafted after the wait's."""
+    settings = TREE if variant == "fixed" else {**TREE, "branch_budget": 3}
+    tokens, info = generations(setup, "covspec", 4_000, max_new_tokens=3, draft="mid", **settings)
+    taken = sum(i[3] for i in info)
+    assert taken > 0.2 * len(info), taken  # alternatives were taken often
+    pvalue, tv = fit(pair_counts(tokens, setup[0].vocab_size), pair_probs(setup).ravel())
+    assert pvalue > 1e-3, (pvalue, tv)
+    pvalue, tv, n = _conditional_after_commonest_pair(setup, tokens)
+    assert n > 300 and pvalue > 1e-3, (pvalue, tv, n)
+
+
+@pytest.mark.slow
+def test_a_tree_edge_that_skips_the_continuation_test_fails(setup):
+    """The same test catches an edge that accepts a taken alternative's whole continuation unchecked."""
+    tokens, _ = generations(setup, "covspec", 4_000, max_new_tokens=3, draft="mid", broken_tree=True, **TREE)
+    pvalue, tv = fit(pair_counts(tokens, setup[0].vocab_size), pair_probs(setup).ravel())
+    assert pvalue < 1e-6, (pvalue, tv)

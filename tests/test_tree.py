@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from covspec.decoding.tree import (
 from covspec.models import checks as C
 from covspec.models.tiny import TINY_SPECS, tiny_llava
 from covspec.protocol import (
+    AltVerdict,
     ErrorReply,
     OpenSession,
     ProtocolError,
@@ -29,6 +32,7 @@ from covspec.protocol import (
     decode,
     encode,
     new_session_id,
+    probs_to_bytes,
 )
 from covspec.protocol.validation import check_against
 from covspec.runtime.device import png_bytes
@@ -237,14 +241,83 @@ def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
     assert isinstance(_ask(edge, wide), VerifyResponse)  # 17 nodes but depth 1: within max_new_tokens = 16
 
 
-def test_trees_are_refused_under_sampling(edge_and_target):
+def _sampling_round0(edge: Edge, target, sample):
+    """A sampling session and a first tree whose main chain is the target's least likely token (rejected unless
+    p(x) = 1) with two alternatives at the prefix: the two most likely tokens, each with a continuation of two."""
+    sid = _open(edge, target, sample, temperature=1.0)
+    state, logits = target.prefill(target.prepare(sample.image(), sample.question))
+    p = torch.softmax(logits.double(), -1)
+    worst, (a, b) = int(p.argmin()), torch.topk(p, 2).indices.tolist()
+    conts = [[int(t) for t in torch.topk(target.forward(target.prefill(target.prepare(sample.image(),
+             sample.question))[0], torch.tensor([r]))[-1], 2).indices] for r in (a, b)]  # fmt: skip
+    ids = [worst, a, *conts[0], b, *conts[1]]
+    q = np.array([0.9, 1.0, 0.6, 0.5, 1.0, 0.7, 0.4])
+    return sid, VerifyRequest(sid, 0, ids, committed_len=0, last_token=-1, draft_probs=probs_to_bytes(q),
+                              branches=[-1, 3, -1, 3])  # fmt: skip
+
+
+def _reference_logits(target, sample, tokens: list[int]) -> torch.Tensor:
+    state, logits = target.prefill(target.prepare(sample.image(), sample.question))
+    return target.forward(state, torch.tensor(tokens))[-1] if tokens else logits
+
+
+def test_sampling_tree_alternative_taken_commits_its_verdict_and_its_cache(edge_and_target):
+    """Under sampling the alternatives are guesses of the correction. The edge answers the rejected main chain with
+    candidates and, per alternative at the rejected depth, the accept test of its continuation and its bonus or
+    candidates. A block naming one of them in ``via`` commits its root and accepted continuation: the session's
+    tokens and cache are then exactly those of that path (the next logits equal a fresh prefill's)."""
     edge, target = edge_and_target
-    sid = _open(edge, target, load_split("test", 1)[0], temperature=1.0)
-    import numpy as np
+    sample = load_split("test", 1, offset=1)[0]
+    for take in (0, 1, None):
+        sid, tree = _sampling_round0(edge, target, sample)
+        reply = _ask(edge, tree)
+        assert isinstance(reply, VerifyResponse) and reply.num_accepted == 0 and reply.candidate_ids, reply
+        assert [v.node for v in reply.alts] == [1, 4]
+        s = edge.sessions[sid]
+        if take is None:  # the correction was none of the roots: the alternatives' entries are dropped
+            last, via, committed = reply.candidate_ids[0], -1, []
+        else:
+            v = reply.alts[take]
+            path = tree.draft_ids[v.node : v.node + 1 + v.num_accepted]
+            last = v.token if v.token >= 0 else v.candidate_ids[0]
+            via, committed = v.node, path
+        bad = VerifyRequest(sid, 1, [7], committed_len=len(committed) + 1, last_token=last,
+                            draft_probs=probs_to_bytes(np.array([0.5])), via=2)  # node 2 is no alternative's root
+        before = (s.seq, list(s.committed), s.state.seq_len, dict(s.expected.alts))
+        assert isinstance(_ask(edge, bad), ErrorReply)
+        assert (s.seq, list(s.committed), s.state.seq_len, dict(s.expected.alts)) == before
+        nxt = msgspec.structs.replace(bad, via=via)
+        assert isinstance(_ask(edge, nxt), VerifyResponse)
+        done = [*committed, last]
+        assert s.committed[: len(done)] == done
+        ref = _reference_logits(target, sample, s.committed)
+        assert torch.allclose(s.last_logits, ref, atol=1e-4), take
+        assert s.state.seq_len == s.state.cache_len
 
-    from covspec.protocol import probs_to_bytes
 
-    msg = VerifyRequest(sid, 0, [5, 6], committed_len=0, last_token=-1,
-                        draft_probs=probs_to_bytes(np.array([0.5, 0.5])), branches=[-1, 1])  # fmt: skip
-    reply = _ask(edge, msg)
-    assert isinstance(reply, ErrorReply) and "greedy" in reply.message
+def test_sampling_tree_fields_are_checked(edge_and_target):
+    edge, target = edge_and_target
+    sample = load_split("test", 1)[0]
+    sid, tree = _sampling_round0(edge, target, sample)
+    nested = msgspec.structs.replace(tree, branches=[-1, 3, 1, 3])  # the second branch hangs off the first
+    reply = _ask(edge, nested)
+    assert isinstance(reply, ErrorReply) and "main chain" in reply.message
+    early = msgspec.structs.replace(tree, via=1)  # round 0: nothing to take
+    assert isinstance(_ask(edge, early), ErrorReply)
+    greedy = VerifyRequest(sid, 0, [5], committed_len=0, last_token=-1, via=0)
+    with pytest.raises(ProtocolError, match="via = 0"):
+        check_against(greedy, 40, mode="covspec", sampling=False)
+    alt = AltVerdict(1, 0, 5, [], b"")
+    reply = VerifyResponse(sid, 0, 0, -1, [3], probs_to_bytes(np.array([0.5])), alts=[alt])
+    assert decode(encode(reply)) == reply
+    check_against(reply, 40, mode="covspec", sampling=True, num_drafted=7)
+    for bad, message in [
+        (msgspec.structs.replace(reply, alts=[AltVerdict(1, 0, 5, [3], probs_to_bytes(np.array([0.5])))]), "either"),
+        (msgspec.structs.replace(reply, alts=[AltVerdict(1, 0, -1, [], b"")]), "either"),
+        (msgspec.structs.replace(reply, alts=[AltVerdict(1, 0, 5, [3], b"")]), "candidate_probs"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            decode(encode(bad))
+    for kwargs in (dict(sampling=False), dict(mode="dssd"), dict(num_drafted=1)):
+        with pytest.raises(ProtocolError):
+            check_against(reply, 40, **{"mode": "covspec", "sampling": True, "num_drafted": 7, **kwargs})

@@ -27,8 +27,11 @@ Message flow and conventions (the byte formulas in ``accounting`` rely on them):
 - ``VerifyResponse.token`` is the bonus token (all accepted) or the corrected token (covspec greedy rejection), and -1
   when the device corrects itself: from ``candidate_ids`` (covspec, sampling), from ``target_dists`` (dssd,
   greedy or sampling: p at the rejected position, V floats), or always for ``vanilla_sd`` (p at the k+1 positions).
-- A ``VerifyRequest`` with ``branches`` carries a token tree (covspec, greedy only): the edge verifies every branch
-  in one forward and answers with the accepted path's last node in ``leaf``.
+- A ``VerifyRequest`` with ``branches`` carries a token tree (covspec): the edge verifies every branch in one forward
+  and answers with the accepted path's last node in ``leaf``. Under sampling the branches are guesses of the
+  correction: when the main chain is rejected at depth n, ``alts`` holds one ``AltVerdict`` per alternative rooted
+  at depth n (its continuation's accept test, then its bonus or candidates); if the device's correction is that
+  alternative's token, it commits the alternative's verdict and names it in the next request's ``via``.
 - ``decode`` checks everything that needs no session state; ``check_against`` / ``validate_against`` check the
   rest (vocabulary, method, committed length). A receiver answers a bad message with an ``ErrorReply`` and
   changes no state.
@@ -46,7 +49,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 4  # 4: token trees (VerifyRequest.branches, VerifyResponse.leaf)
+PROTOCOL_VERSION = 5  # 4: token trees (branches, leaf); 5: sampling trees (VerifyResponse.alts, via)
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 WIRE_MODES = ("target_only", "vanilla_sd", "dssd", "covspec")
 """How a method talks to the edge; covspec's ablations use the ``covspec`` mode."""
@@ -159,8 +162,13 @@ class VerifyRequest(_Message, tag=2):
     draft_probs: bytes = b""  # float32 [k]: q(x_i) when sampling; empty when greedy
     draft_dists: bytes = b""  # float32 [k, V]: vanilla_sd only; empty otherwise
     branches: list[Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]] = []
-    """A token tree (covspec, greedy): flat (attach, length) pairs, one per branch off the main chain
-    (``covspec.decoding.tree.parents_from_branches``); empty: the block is a chain."""
+    """A token tree (covspec): flat (attach, length) pairs, one per branch off the main chain
+    (``covspec.decoding.tree.parents_from_branches``); empty: the block is a chain. Under sampling every branch
+    attaches to the main chain (or the prefix)."""
+    via: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)] = -1
+    """Sampling trees: the previous round's correction was the token of the alternative whose root is node ``via``
+    of that round's tree, so the edge commits that alternative's verdict (its root and accepted continuation)
+    before ``last_token``, which is then the alternative's bonus or correction; -1 (omitted): no alternative."""
 
 
 class MoreCandidates(_Message, tag=3):
@@ -168,6 +176,9 @@ class MoreCandidates(_Message, tag=3):
 
     session_id: SessionId
     seq: Count
+    via: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)] = -1
+    """Sampling trees: the candidates of the alternative rooted at node ``via`` (its correction); -1 (omitted): the
+    round's own correction."""
 
 
 class Close(_Message, tag=4):
@@ -183,6 +194,18 @@ class SessionOpened(_Message, tag=5):
     eos_ids: list[TokenId] = []  # every id that ends the target's generation: the device's draft must stop at the same
 
 
+class AltVerdict(msgspec.Struct, array_like=True, frozen=True):
+    """Sampling trees: the verdict on one alternative rooted where the main chain was rejected, used only if the
+    device's correction there is the alternative's token: its continuation's accepted length, then the bonus
+    (``token``) or candidates for the correction after them (as in ``VerifyResponse``)."""
+
+    node: Count  # the alternative's root: its node index in the tree
+    num_accepted: Count  # accepted tokens of its continuation (the root excluded)
+    token: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]  # bonus after the whole continuation; -1: candidates
+    candidate_ids: list[TokenId]
+    candidate_probs: bytes
+
+
 class VerifyResponse(_Message, tag=6):
     """The verdict on one block (or, after MoreCandidates, m more candidates for the same position)."""
 
@@ -196,6 +219,8 @@ class VerifyResponse(_Message, tag=6):
     leaf: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)] = -1
     """Token trees: the last accepted node (its path from the prefix holds the num_accepted drafts); -1 for a chain
     or when nothing was accepted."""
+    alts: list[AltVerdict] = []
+    """Sampling trees, main chain rejected: one verdict per alternative rooted at the rejected depth."""
 
 
 class TokenChunk(_Message, tag=7):
@@ -386,6 +411,13 @@ def _check_verify_response(msg: VerifyResponse, limits: Limits) -> None:
     _check_count("len(candidate_ids)", len(msg.candidate_ids), limits.max_candidates)
     _check_probs("candidate_probs", msg.candidate_probs, len(msg.candidate_ids))
     _check_dists("target_dists", msg.target_dists)
+    _check_count("len(alts)", len(msg.alts), limits.max_draft_len)
+    for i, alt in enumerate(msg.alts):
+        _check_count(f"alts[{i}].num_accepted", alt.num_accepted, limits.max_draft_len)
+        _check_count(f"len(alts[{i}].candidate_ids)", len(alt.candidate_ids), limits.max_candidates)
+        _check_probs(f"alts[{i}].candidate_probs", alt.candidate_probs, len(alt.candidate_ids))
+        if bool(alt.candidate_ids) == (alt.token >= 0):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"alts[{i}] must hold either a token or candidates")
 
 
 def _check_nothing(msg: Message, limits: Limits) -> None:

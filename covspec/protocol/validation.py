@@ -133,15 +133,21 @@ def _check_verify_request(
         )
     if mode == "target_only":
         raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "VerifyRequest in a target_only session")
+    if msg.via >= 0 and (sampling is False or not msg.draft_probs or (mode is not None and mode != "covspec")):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"via = {msg.via}: tree alternatives are taken only when "
+                            "sampling in a covspec session")  # fmt: skip
     if msg.branches:
-        if sampling or msg.draft_probs:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "branches (a token tree) need greedy decoding")
         if mode is not None and mode != "covspec":
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"branches (a token tree) in a {mode} session (covspec only)")
         try:
-            check_tree(msg.draft_ids, parents_from_branches(k, msg.branches))
+            parents = parents_from_branches(k, msg.branches)
+            check_tree(msg.draft_ids, parents)
         except ValueError as e:
             raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
+        main = k - sum(msg.branches[1::2])
+        if msg.draft_probs and any(a >= main for a in msg.branches[0::2]):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "branches: under sampling every branch attaches to the main "
+                                f"chain (nodes -1..{main - 1}), got {msg.branches}")  # fmt: skip
     if mode is not None:
         _check_rows("draft_dists", msg.draft_dists, k if mode == "vanilla_sd" else 0, vocab_size)
 
@@ -162,6 +168,16 @@ def _check_verify_response(
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"token = {msg.token} alongside candidates (must be -1)")
     if msg.candidate_ids and (mode not in (None, "covspec") or sampling is False):
         raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, f"candidates in a {mode} session (sampling={sampling})")
+    if msg.alts and (mode not in (None, "covspec") or sampling is False or msg.token >= 0 or msg.target_dists):
+        raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "alts (tree alternatives) outside a covspec sampling "
+                            "correction")  # fmt: skip
+    for i, alt in enumerate(msg.alts):
+        _check_ids(f"alts[{i}].candidate_ids", alt.candidate_ids, vocab_size)
+        if alt.token >= vocab_size:
+            raise ProtocolError(ErrorCode.OUT_OF_VOCAB, f"alts[{i}].token = {alt.token} is outside the vocabulary")
+        if num_drafted is not None and alt.node + alt.num_accepted >= num_drafted:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"alts[{i}] = node {alt.node} + {alt.num_accepted} "
+                                f"accepted, beyond the {num_drafted} drafted")  # fmt: skip
     if mode is None:
         return
     if mode == "vanilla_sd":

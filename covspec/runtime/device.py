@@ -36,6 +36,7 @@ from covspec.decoding.tree import branches_from_parents
 from covspec.decoding.verify import correct_from_candidates, correct_from_residual
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
+    AltVerdict,
     Close,
     ErrorCode,
     ErrorReply,
@@ -113,7 +114,7 @@ class DeviceSettings:
     threshold: float = 0.4  # confidence stop: end a block after a token drafted with top probability below this
     stop: str = "threshold"  # the stop's threshold: threshold (fixed) or cost (the cost model's, capped)
     branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
-    tree: int = 0  # alternative branches sent with each block and verified in the same round (greedy only); 0: chain
+    tree: int = 0  # alternative branches sent with each block and verified in the same round; 0: chains
     prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
 
     @property
@@ -296,7 +297,7 @@ class Device:
                                                 seq=seq)  # fmt: skip
         self.transport.send(sess.open_msg)
         if block is not None:
-            block = msgspec.structs.replace(block, session_id=sess.sid, last_token=-1)
+            block = msgspec.structs.replace(block, session_id=sess.sid, last_token=-1, via=-1)
             sess.in_flight = (block, committed)
             self.transport.send(block)
         elif kind is VerifyResponse:
@@ -438,16 +439,16 @@ class Device:
 
     def _send_block(
         self, seq: int, ids: list[int], q_rows: torch.Tensor, committed: list[int], last_token: int,
-        parents: list[int] | None = None,
+        parents: list[int] | None = None, via: int = -1,
     ) -> None:  # fmt: skip
         """VerifyRequest for a drafted block: ids, q(x_i) when sampling, all q rows for vanilla_sd; ``parents``
-        make it a token tree (greedy covspec)."""
+        make it a token tree (covspec); ``via``: the tree alternative the last correction took (sampling)."""
         s = self.settings
         block = VerifyRequest(
             self.session.sid, seq, ids, committed_len=len(committed), last_token=last_token,
             draft_probs=probs_to_bytes(q_rows[torch.arange(len(ids)), ids]) if s.temperature > 0 else b"",
             draft_dists=probs_to_bytes(q_rows) if s.method == "vanilla_sd" else b"",
-            branches=branches_from_parents(parents) if parents else [],
+            branches=branches_from_parents(parents) if parents else [], via=via,
         )  # fmt: skip
         self.session.in_flight = (block, list(committed))
         self.transport.send(block)
@@ -520,13 +521,41 @@ class Device:
             logits = self.draft.forward(state, torch.tensor([x]))[-1]
         return ids, torch.stack(rows), logits
 
+    def _settle_alt(
+        self, seq: int, verdict: AltVerdict, ids: list[int], q_rows: torch.Tensor, gen: torch.Generator,
+        result: RequestResult, committed: list[int],
+    ) -> tuple[int | None, bool]:  # fmt: skip
+        """Sampling trees: the round's correction was the root of the alternative ``verdict`` answers (committed
+        already); commit its accepted continuation (``ids``/``q_rows``: the continuation as drafted) and the token
+        after it, the bonus or a correction from its candidates. Returns what ``_settle_round`` returns."""
+        m = verdict.num_accepted
+        if m > len(ids):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"alts: num_accepted = {m} beyond the {len(ids)} drafted")
+        reply = VerifyResponse(self.session.sid, seq, m, verdict.token, verdict.candidate_ids, verdict.candidate_probs)
+        more_before = result.more_candidate_requests
+        self.session.correcting = (list(committed), ids[:m], seq)
+        token = self._finish_round(seq, reply, ids, q_rows, gen, result, via=verdict.node)
+        self.session.correcting = None
+        drafted, n, more = result.round_log[-1]
+        result.round_log[-1] = Round(drafted, n + 1 + m, more + result.more_candidate_requests - more_before)
+        result.num_accepted += 1 + m  # the root, drafted in the tree, and its continuation
+        eos = self.draft.eos_token_ids
+        hit_eos = m > 0 and ids[m - 1] in eos
+        committed.extend(ids[: m - 1] if hit_eos else ids[:m])
+        done = hit_eos or token is None or token in eos
+        if not done:
+            committed.append(token)
+        result.token_ids = committed
+        return token, done or len(committed) >= self.settings.max_new_tokens
+
     def _finish_round(
         self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,
-        gen: torch.Generator, result: RequestResult,
+        gen: torch.Generator, result: RequestResult, via: int = -1,
     ) -> int | None:  # fmt: skip
-        """The token committed after the accepted drafts, or None when the round ended on EOS."""
+        """The token committed after the accepted drafts, or None when the round ended on EOS; ``via``: the tree
+        alternative whose correction this is (sampling trees)."""
         s = self.settings
-        n = reply.num_accepted
+        n, sid = reply.num_accepted, self.session.sid
         if n > 0 and ids[n - 1] in self.draft.eos_token_ids:
             return None
         if reply.token >= 0:
@@ -548,7 +577,8 @@ class Device:
             if token is not None:
                 return int(token)
             result.more_candidate_requests += 1
-            self.transport.send(MoreCandidates(self.session.sid, seq))
+            # A session reopened meanwhile holds the alternative as committed: its candidates are its own.
+            self.transport.send(MoreCandidates(self.session.sid, seq, via if self.session.sid == sid else -1))
             reply = self._wait(VerifyResponse)
             if reply.target_dists:  # the edge gave up on candidates and sent the full row
                 row = torch.from_numpy(np.array(bytes_to_probs(reply.target_dists)))

@@ -42,11 +42,12 @@ from PIL import Image
 
 from covspec.decoding.sampling import probs_from_logits, sample
 from covspec.decoding.tree import chain, depths, parents_from_branches, verify_greedy_tree
-from covspec.decoding.verify import sample_candidates, verify_greedy, verify_sampling
+from covspec.decoding.verify import accept_drafts, sample_candidates, verify_greedy, verify_sampling
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.models.kvcache import keep_nodes
 from covspec.protocol import (
     UP_MESSAGES,
+    AltVerdict,
     Close,
     ErrorCode,
     ErrorReply,
@@ -99,6 +100,20 @@ class Expected:
     candidates: set[int] = field(default_factory=set)  # covspec: any candidate sent
     p_row: torch.Tensor | None = None  # [V] p at the position (covspec keeps it to draw more candidates)
     row_sent: bool = False  # the device got p itself (dssd, vanilla, covspec's fallback): any token with p > 0
+    more: int = 0  # MoreCandidates answered for this position
+    alts: dict[int, PendingAlt] = field(default_factory=dict)  # sampling trees: root node -> its verdict
+    path_end: int = 0  # with ``alts``: the cache length of the committed path; the alternatives' entries follow
+
+
+@dataclass
+class PendingAlt:
+    """Sampling trees: an alternative rooted where the main chain was rejected, kept until the device's next frame
+    says whether its correction took it (``VerifyRequest.via``)."""
+
+    tokens: list[int]  # its root and accepted continuation: committed if taken
+    offset: int  # where its cache entries start, counted from ``Expected.path_end``
+    last_logits: torch.Tensor  # [V] target logits after its last accepted token
+    expected: Expected  # what the device may commit after it: its bonus, or one of its candidates
 
 
 @dataclass
@@ -118,7 +133,6 @@ class Session:
     committed: list[int] = field(default_factory=list)  # fed into the target cache
     seq: int = 0  # next expected VerifyRequest.seq (target_only: next TokenChunk.seq)
     expected: Expected | None = None  # None in round 0
-    more_requests: int = 0
     verified: int = 0  # rounds verified by this session (0 for a freshly reopened one)
     last_used: float = field(default_factory=time.monotonic)
     opening: PromptInputs | None = None  # fused prefill: the checked prompt, prefilled with the first block
@@ -626,8 +640,8 @@ class Edge:
 
     # -- verification --------------------------------------------------------------------------
 
-    def _check_last_token(self, s: Session, msg: VerifyRequest) -> None:
-        tok, exp = msg.last_token, s.expected
+    def _check_last_token(self, exp: Expected | None, msg: VerifyRequest) -> None:
+        tok = msg.last_token
         if exp is None:
             if tok != -1:
                 raise ProtocolError(ErrorCode.INVALID_FIELD, f"last_token = {tok} in round 0 (must be -1)")
@@ -644,10 +658,11 @@ class Edge:
 
     def _verify_job(self, s: Session, msg: VerifyRequest) -> _Job:
         """Checks a VerifyRequest (no state changes) and returns its share of the batched forward."""
-        committed = len(s.committed) + (0 if s.expected is None else 1)
+        exp, alt = self._taken(s, msg.via)
+        committed = len(s.committed) + (len(alt.tokens) if alt else 0) + (0 if exp is None else 1)
         check_against(msg, self.vocab_size, mode=s.method, sampling=s.sampling, expected_seq=s.seq,
                       committed_len=committed)  # fmt: skip
-        self._check_last_token(s, msg)
+        self._check_last_token(exp, msg)
         # A chain is the tree whose nodes each follow the one before (the wire's branches are checked already).
         tree = parents_from_branches(len(msg.draft_ids), msg.branches) if msg.branches else None
         parents = tree or chain(len(msg.draft_ids))
@@ -658,6 +673,7 @@ class Edge:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "draft_ids continue after EOS")
         if s.sampling:  # decode the q values now: a malformed payload is refused before the forward
             q = self._draft_probs(s, msg, torch.tensor(msg.draft_ids))
+        self._take(s, alt)  # every check passed: the previous round's tree alternatives are settled now
         prefix = [] if msg.last_token < 0 else [msg.last_token]
         base_len = s.length
 
@@ -676,9 +692,11 @@ class Edge:
 
         A token tree (greedy) is walked with the target's argmax (``verify_greedy_tree``); its accepted path's
         rows then stand for the chain's, the cache keeps only the path's entries (``kvcache.keep_nodes``) and the
-        verdict names the path's last node (``leaf``)."""
+        verdict names the path's last node (``leaf``). Sampling trees: ``_verify_sampling_tree``."""
         self.stats.verify_rounds += 1
         rows = torch.cat([s.last_logits[None], logits])[len(prefix) :]  # [k + 1, V]: row i + 1 after node i
+        if tree is not None and q is not None:
+            return self._verify_sampling_tree(s, msg, tree, prefix, base_len, rows, q)
         rejected = None
         if tree is not None:
             nodes, _ = verify_greedy_tree(msg.draft_ids, tree, rows, self.target.eos_token_ids)
@@ -700,9 +718,83 @@ class Edge:
         s.last_logits = rows[len(nodes)]
         s.seq += 1
         s.verified += 1
-        s.more_requests = 0
         verdict = self._verdict(s, msg, p, len(nodes), rejected)
         return verdict if tree is None else msgspec.structs.replace(verdict, leaf=nodes[-1] if nodes else -1)
+
+    def _verify_sampling_tree(
+        self, s: Session, msg: VerifyRequest, tree: list[int], prefix: list[int], base_len: int,
+        rows: torch.Tensor, q: torch.Tensor,
+    ) -> VerifyResponse:  # fmt: skip
+        """A token tree under sampling: the main chain is verified as a chain (x_i accepted with min(1, p/q)); its
+        alternatives are guesses of the correction, never accept-tested themselves.
+
+        The correction at the rejected depth n is drawn by the device from r ∝ max(0, p − q), exactly as for a
+        chain. For every alternative rooted at depth n the target rows of its continuation are already computed, so
+        the edge also runs the continuation's accept test (its tokens were drawn from q after the root) and draws
+        its bonus or candidates, all with fresh uniforms: if the device's correction is that root, committing the
+        root, the accepted continuation and then the bonus or a correction from those candidates is one more exact
+        speculative step after the root. Whichever token the correction is, its distribution is r: which
+        alternatives were sent only decides how much of the next step is already verified. The cache keeps the
+        committed path, then the accepted entries of those alternatives, until the next frame says which was taken
+        (``_take``)."""
+        ids, c = msg.draft_ids, len(prefix)
+        main = len(ids) - sum(msg.branches[1::2])
+        p = probs_from_logits(rows.float(), s.temperature, s.top_p)  # [k + 1, V]
+        n, rejected = verify_sampling(torch.tensor(ids[:main]), q[:main], p[: main + 1], s.generator)
+        s.committed.extend(prefix + ids[:n])
+        keep = [*range(c), *(c + i for i in range(n))]
+        alts: dict[int, PendingAlt] = {}
+        verdicts: list[AltVerdict] = []
+        kept: list[int] = []  # the alternatives' cache entries, after the path's
+        start = main
+        for attach, length in zip(msg.branches[0::2], msg.branches[1::2], strict=True):
+            root, cont = start, list(range(start + 1, start + length))
+            start += length
+            if not rejected or attach != n - 1:
+                continue
+            after = [root + 1, *(i + 1 for i in cont)]  # rows after the root and after each continuation token
+            m = int(accept_drafts(torch.tensor([ids[i] for i in cont]), q[cont], p[after], s.generator)) if cont else 0
+            row, exp = p[after[m]], Expected()
+            token, cand_ids, cand_probs = -1, [], b""
+            if m == len(cont):
+                token = exp.token = int(sample(row, s.generator))  # bonus
+            else:
+                cand, vals = sample_candidates(row, s.num_candidates, s.generator)
+                cand_ids, cand_probs = cand.tolist(), probs_to_bytes(vals)
+                exp.candidates, exp.p_row = set(cand_ids), row
+            nodes = [root, *cont[:m]]
+            alts[root] = PendingAlt([ids[i] for i in nodes], len(kept), rows[after[m]], exp)
+            kept += [c + i for i in nodes]
+            verdicts.append(AltVerdict(root, m, token, cand_ids, cand_probs))
+        keep_nodes(s.state, base_len, keep + kept)
+        s.last_logits = rows[n]
+        s.seq += 1
+        s.verified += 1
+        verdict = self._verdict(s, msg, p, n, rejected)
+        s.expected.alts, s.expected.path_end = alts, base_len + len(keep)
+        return msgspec.structs.replace(verdict, leaf=n - 1, alts=verdicts)
+
+    def _taken(self, s: Session, via: int) -> tuple[Expected | None, PendingAlt | None]:
+        """What the device may commit as ``last_token`` and the alternative ``via`` names (no state changes)."""
+        if via < 0:
+            return s.expected, None
+        alt = s.expected.alts.get(via) if s.expected is not None else None
+        if alt is None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"via = {via} names no tree alternative of the last verdict")
+        return alt.expected, alt
+
+    def _take(self, s: Session, alt: PendingAlt | None) -> None:
+        """Settle the previous round's tree alternatives: drop their cache entries, or commit the one taken."""
+        exp = s.expected
+        if exp is None or not exp.alts:
+            return
+        if alt is None:
+            self.target.rollback(s.state, exp.path_end)
+        else:
+            keep_nodes(s.state, exp.path_end, list(range(alt.offset, alt.offset + len(alt.tokens))))
+            s.committed.extend(alt.tokens)
+            s.last_logits, s.expected = alt.last_logits, alt.expected
+        exp.alts = {}
 
     def _draft_probs(self, s: Session, msg: VerifyRequest, draft_ids: torch.Tensor) -> torch.Tensor:
         if s.method == "vanilla_sd":
@@ -751,16 +843,17 @@ class Edge:
         draws and stays exact.
         """
         check_against(msg, self.vocab_size, mode=s.method, expected_seq=s.seq - 1)
-        exp = s.expected
+        exp = self._taken(s, msg.via)[0]  # via: the correction after a tree alternative the device took
         if exp is None and s.sampling and s.seq > 0 and s.verified == 0:  # resuming a correction after a reopen
             if s.state is None:  # its prefill was waiting for a block: the row is needed now
                 self._prefill_now(s)
             exp = Expected(p_row=probs_from_logits(s.last_logits.float(), s.temperature, s.top_p))
         if exp is None or exp.p_row is None:  # MoreCandidates is refused outside covspec sessions already
             raise ProtocolError(ErrorCode.UNEXPECTED_TYPE, "MoreCandidates but no candidates are outstanding")
-        s.expected = exp
-        s.more_requests += 1
-        if s.more_requests >= CANDIDATE_ROUNDS_BEFORE_FULL_ROW:
+        if s.expected is None:
+            s.expected = exp
+        exp.more += 1
+        if exp.more >= CANDIDATE_ROUNDS_BEFORE_FULL_ROW:
             # Rare (q ~ p): ship the whole row so the device finishes with residual sampling.
             exp.row_sent = True
             return VerifyResponse(s.session_id, msg.seq, 0, -1, [], b"", probs_to_bytes(exp.p_row[None]))

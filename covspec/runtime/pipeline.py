@@ -95,7 +95,7 @@ class PipelinedLoop:
             device.draft_policy = draft_policy(self.s)
         self.policy: DraftPolicy = device.draft_policy
         self.branching = self.s.branch_budget > 0
-        self.tree_width = self.s.tree if self.s.temperature == 0 else 0  # trees are verified under greedy only
+        self.tree_width = self.s.tree
         self.state = state  # the draft's cache, prefilled
         self.logits = logits  # [V] after the last fed token of the live path
         self.gen = gen  # the device's randomness: drafts and corrections, as in the fixed loop
@@ -110,7 +110,7 @@ class PipelinedLoop:
         d, s = self.device, self.s
         committed: list[int] = []
         live: list[DraftToken] = []  # drafted during the last wait by the branch that matched
-        last_token, seq = -1, 0
+        last_token, seq, via = -1, 0, -1
         replied = accounted = 0.0  # when the last verdict arrived; device busy + idle time then
         while True:
             if seq > 0:  # per-round time that is neither drafting nor waiting: bookkeeping, frames, threads
@@ -124,21 +124,26 @@ class PipelinedLoop:
                 result.tree_rounds += bool(rnd.tree)
             ids, parents, drafts = rnd.wire()
             q_rows = torch.stack([t.q for t in drafts])  # [k, V]
-            d._send_block(seq, ids, q_rows, committed, last_token, parents)
+            d._send_block(seq, ids, q_rows, committed, last_token, parents, via)
             sent = time.perf_counter()
             reply = self._overlap(rnd, len(committed)) if self.branching else d._wait(VerifyResponse)
             replied, accounted = time.perf_counter(), d._busy + d._idle
             wait = replied - sent
             n = reply.num_accepted
-            alt, path = self._path(rnd, reply, parents)
+            via = -1
+            if parents is None:
+                alt = None
+                token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
+            elif self.s.temperature == 0:  # the path's tokens are what is committed (no q row for the correction)
+                alt, path = self._path(rnd, reply, parents)
+                token, done = d._settle_round(seq, reply, [ids[i] for i in path], q_rows[path], self.gen, result,
+                                              committed, start, tree=(len(ids), len(rnd.block)))  # fmt: skip
+            else:
+                alt, n, via, token, done = self._settle_sampling_tree(seq, rnd, reply, parents, q_rows, result,
+                                                                      committed, start)  # fmt: skip
             unsure_last = self.policy.adaptive and alt is None and rnd.block[-1].conf < self.policy.stop_threshold
             self.policy.observe_round(len(rnd.block) if alt is None else alt.root + 1 + len(alt.drafts), n, wait,
                                       unsure_last)  # fmt: skip
-            if parents is None:
-                token, done = d._settle_round(seq, reply, ids, q_rows, self.gen, result, committed, start)
-            else:  # greedy: the path's tokens are what is committed (no q row is needed for the correction)
-                token, done = d._settle_round(seq, reply, [ids[i] for i in path], q_rows[path], self.gen, result,
-                                              committed, start, tree=(len(ids), len(rnd.block)))  # fmt: skip
             result.tree_hits += alt is not None
             if done:
                 break
@@ -332,6 +337,37 @@ class PipelinedLoop:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {reply.leaf} is at depth {len(path)}, not {n}")
         last = path[-1] if path else -1
         return next((a for a in rnd.tree if a.node <= last <= a.node + len(a.drafts)), None), path
+
+    def _settle_sampling_tree(
+        self, seq: int, rnd: _Round, reply: VerifyResponse, parents: list[int], q_rows: torch.Tensor,
+        result: RequestResult, committed: list[int], start: float,
+    ) -> tuple[Branch | None, int, int, int | None, bool]:  # fmt: skip
+        """A token tree under sampling: settle the main chain as a chain (the correction drawn from the residual, as
+        always); if that correction is an alternative's root, the edge's verdict on the alternative's continuation
+        (``reply.alts``) commits it and the token after it. Returns the alternative taken (None: none), the drafts
+        committed before the round's last token (along the block, or to the alternative's root and through its
+        continuation), the next request's ``via``, the round's last committed token and whether the request is
+        done."""
+        d, k = self.device, len(rnd.block)
+        if reply.num_accepted and reply.leaf != reply.num_accepted - 1:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"leaf = {reply.leaf} is not main-chain node "
+                                f"{reply.num_accepted - 1}")  # fmt: skip
+        sid = d.session.sid
+        main_ids = [t.id for t in rnd.block]
+        token, done = d._settle_round(seq, reply, main_ids, q_rows[:k], self.gen, result, committed, start,
+                                      tree=(len(parents), k))  # fmt: skip
+        n = reply.num_accepted
+        alt = next((a for a in rnd.tree if a.root == n and a.token == token), None)
+        if done or alt is None or n == k or d.session.sid != sid:  # a reopened session has no alternatives
+            return None, n, -1, token, done
+        verdict = next((v for v in reply.alts if v.node == alt.node), None)
+        if verdict is None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"no verdict in alts for the alternative at node {alt.node}")
+        drafts = alt.drafts
+        q = torch.stack([t.q for t in drafts]) if drafts else q_rows[:0]
+        token, done = d._settle_alt(seq, verdict, [t.id for t in drafts], q, self.gen, result, committed)
+        # The edge settles the alternative when the next block names it; a session reopened meanwhile holds it.
+        return alt, alt.root + 1 + verdict.num_accepted, alt.node if d.session.sid == sid else -1, token, done
 
     def _resolve(self, rnd: _Round, n: int, token: int, alt: Branch | None = None) -> list[DraftToken]:
         """Make the cache hold the committed prefix (+ the matching branch); returns the branch's drafts."""
