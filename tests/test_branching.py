@@ -420,18 +420,6 @@ def test_eos_inside_a_tree_alternative():
     assert r.round_log[-1].num_accepted > 0 and r.tree_hits >= 1  # and the answer ended inside it
 
 
-def test_trees_are_not_sent_under_sampling():
-    draft = FakeDraft(second_right_every_third)
-    edge = ScriptedEdge(target_rule, 0)
-    s = DeviceSettings(method="covspec", max_new_tokens=12, tree=2, temperature=0.0)
-    assert s.pipelined
-    from covspec.runtime.pipeline import PipelinedLoop  # the loop decides from the temperature
-
-    device = Device(draft, edge, DeviceSettings(method="covspec", max_new_tokens=12, tree=2, temperature=1.0))
-    state, logits = draft.prefill(draft.prepare(None, ""))
-    assert PipelinedLoop(device, state, logits, torch.Generator()).tree_width == 0
-
-
 # -- greedy equality through the engine with branching on ----------------------------------------------
 
 

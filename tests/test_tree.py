@@ -21,7 +21,7 @@ from covspec.decoding.tree import (
     verify_greedy_tree,
 )
 from covspec.models import checks as C
-from covspec.models.tiny import TINY_SPECS, tiny_llava
+from covspec.models.tiny import TINY_SPECS, TinySpec, tiny_llava
 from covspec.protocol import (
     AltVerdict,
     ErrorReply,
@@ -321,3 +321,32 @@ def test_sampling_tree_fields_are_checked(edge_and_target):
     for kwargs in (dict(sampling=False), dict(mode="dssd"), dict(num_drafted=1)):
         with pytest.raises(ProtocolError):
             check_against(reply, 40, **{"mode": "covspec", "sampling": True, "num_drafted": 7, **kwargs})
+
+
+def test_sampling_trees_run_through_the_device_and_are_seeded():
+    """covspec with token trees under sampling, device and edge over the in-process link: trees are sent, corrections
+    take alternatives, and a seed gives the same answer."""
+    from covspec.protocol import Link
+    from covspec.runtime.device import Device, DeviceSettings
+    from covspec.runtime.engine import colocated_profile
+    from covspec.runtime.transport import InProcessTransport
+
+    spec = TinySpec(image_size=16, patch_size=8, vision_hidden=16, hidden=32, layers=1, heads=2, kv_heads=2,
+                    init_scale=0.5)  # peaked distributions: the residual's mass sits on few tokens
+    target, draft = tiny_llava(spec, 0), tiny_llava(spec, 0)
+    edge = Edge(target)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the target with noise on its language model: corrections are common
+        for w in draft.model.model.language_model.parameters():
+            if w.dim() > 1:
+                w += 0.3 * w.std() * torch.randn(w.shape, generator=gen)
+    sample = load_split("test", 1)[0]
+    transport = InProcessTransport(edge.handle, Link(colocated_profile()))
+    results = []
+    for seed in [*range(12), 0]:
+        s = DeviceSettings(method="covspec", max_new_tokens=10, temperature=1.0, seed=seed, policy="fixed", gamma=3,
+                           tree=2)  # fmt: skip
+        results.append(Device(draft, transport, s).run(sample.image(), sample.question))
+    transport.close()
+    assert sum(r.tree_rounds for r in results) > 12 and sum(r.tree_hits for r in results) > 0
+    assert results[-1].token_ids == results[0].token_ids
