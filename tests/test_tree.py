@@ -245,11 +245,12 @@ def _sampling_round0(edge: Edge, target, sample):
     """A sampling session and a first tree whose main chain is the target's least likely token (rejected unless
     p(x) = 1) with two alternatives at the prefix: the two most likely tokens, each with a continuation of two."""
     sid = _open(edge, target, sample, temperature=1.0)
-    state, logits = target.prefill(target.prepare(sample.image(), sample.question))
+    inputs = target.prepare(sample.image(), sample.question)
+    _, logits = target.prefill(inputs)
     p = torch.softmax(logits.double(), -1)
     worst, (a, b) = int(p.argmin()), torch.topk(p, 2).indices.tolist()
-    conts = [[int(t) for t in torch.topk(target.forward(target.prefill(target.prepare(sample.image(),
-             sample.question))[0], torch.tensor([r]))[-1], 2).indices] for r in (a, b)]  # fmt: skip
+    conts = [torch.topk(target.forward(target.prefill(inputs)[0], torch.tensor([r]))[-1], 2).indices.tolist()
+             for r in (a, b)]  # fmt: skip
     ids = [worst, a, *conts[0], b, *conts[1]]
     q = np.array([0.9, 1.0, 0.6, 0.5, 1.0, 0.7, 0.4])
     return sid, VerifyRequest(sid, 0, ids, committed_len=0, last_token=-1, draft_probs=probs_to_bytes(q),
@@ -282,7 +283,8 @@ def test_sampling_tree_alternative_taken_commits_its_verdict_and_its_cache(edge_
             last = v.token if v.token >= 0 else v.candidate_ids[0]
             via, committed = v.node, path
         bad = VerifyRequest(sid, 1, [7], committed_len=len(committed) + 1, last_token=last,
-                            draft_probs=probs_to_bytes(np.array([0.5])), via=2)  # node 2 is no alternative's root
+                            draft_probs=probs_to_bytes(np.array([0.5])), via=2)  # fmt: skip
+        # (node 2 is no alternative's root)
         before = (s.seq, list(s.committed), s.state.seq_len, dict(s.expected.alts))
         assert isinstance(_ask(edge, bad), ErrorReply)
         assert (s.seq, list(s.committed), s.state.seq_len, dict(s.expected.alts)) == before
@@ -331,8 +333,9 @@ def test_sampling_trees_run_through_the_device_and_are_seeded():
     from covspec.runtime.engine import colocated_profile
     from covspec.runtime.transport import InProcessTransport
 
-    spec = TinySpec(image_size=16, patch_size=8, vision_hidden=16, hidden=32, layers=1, heads=2, kv_heads=2,
-                    init_scale=0.5)  # peaked distributions: the residual's mass sits on few tokens
+    spec = TinySpec(
+        image_size=16, patch_size=8, vision_hidden=16, hidden=32, layers=1, heads=2, kv_heads=2, init_scale=0.5
+    )  # peaked distributions: the residual's mass sits on few tokens
     target, draft = tiny_llava(spec, 0), tiny_llava(spec, 0)
     edge = Edge(target)
     gen = torch.Generator().manual_seed(5)
