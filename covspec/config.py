@@ -363,7 +363,8 @@ class BranchingConfig(_Section):
     tree: int = 2
     """Alternative branches sent with each block and verified in the same round (token-tree verification): at the
     block's least confident positions, the draft's second (or third) choice and a continuation after it. 0: the
-    block is a chain. Greedy covspec only (under sampling blocks stay chains); see docs/drafting.md."""
+    block is a chain. Under sampling the alternatives are guesses of the correction, verified ahead (exact); covspec
+    only; see docs/drafting.md."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "budget"), self.budget, 0)

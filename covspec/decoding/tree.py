@@ -12,8 +12,9 @@ it. Siblings carry distinct tokens (two equal siblings would be one node).
 Greedy verification walks the tree from the prefix: at each node the target's argmax picks the child holding that
 token, if any. The walk ends at the first node without such a child (or on EOS): the path's tokens are accepted
 and the argmax after its last node is the correction (or bonus). This is exactly what greedy decoding of the
-target emits, so the output is token-identical to target-only whatever the tree holds. Under sampling the
-device verifies chains (multi-draft speculative sampling is not implemented).
+target emits, so the output is token-identical to target-only whatever the tree holds. Under sampling the main chain
+is verified as a chain and the alternatives are guesses of the correction (``covspec.runtime.edge``,
+``Edge._verify_sampling_tree``; docs/drafting.md, "Token trees under sampling").
 """
 
 from __future__ import annotations

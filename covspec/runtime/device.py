@@ -148,8 +148,8 @@ class RequestResult:
     branch_hits: int = 0  # rounds whose next block started from a branch drafted during the wait
     branch_misses: int = 0  # rounds (with branching on) where no branch matched the verdict
     tokens_reused: int = 0  # drafts taken from matching branches into later blocks
-    tree_rounds: int = 0  # rounds that sent a token tree (branching.tree > 0, greedy)
-    tree_hits: int = 0  # tree rounds whose accepted path went through an alternative branch
+    tree_rounds: int = 0  # rounds that sent a token tree (branching.tree > 0)
+    tree_hits: int = 0  # tree rounds whose accepted path (sampling: correction) went through an alternative branch
     tree_nodes: int = 0  # alternative tokens sent in trees (not counted in num_drafted, which counts the blocks)
     controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
     session_reopens: int = 0  # times the edge session was lost and reopened from the committed tokens
