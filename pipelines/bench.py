@@ -28,7 +28,7 @@ from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_boun
 from covspec.models.base import cut_at_eos
 from covspec.protocol import projected_decoding_bytes
 from covspec.runtime.device import RequestResult
-from covspec.runtime.engine import LocalEngine
+from covspec.runtime.engine import LocalEngine, method_config
 from covspec.runtime.transport import responsive_links
 
 PROJECTED_VOCAB = 151_936  # Qwen2.5-VL
@@ -67,8 +67,10 @@ class MethodStats:
         return (self.sum("bytes_up") + self.sum("bytes_down")) / max(self.sum("num_tokens"), 1)
 
 
-def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling: bool, m: int) -> dict[str, Any]:
-    """One JSONL line: the required fields, then the request's metrics."""
+def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling: bool, m: int,
+               wire_mode: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One JSONL line: the required fields, then the request's metrics. ``wire_mode``: how ``method`` talks to the
+    edge (an ablation's base method; default ``method``), for the projected bytes."""
     row: dict[str, Any] = {
         "sample_id": sample.sample_id,
         "kind": sample.kind,
@@ -83,7 +85,8 @@ def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling:
     }
     row.update(r.metrics())
     if r.round_log and method != "draft_only":
-        proj = projected_decoding_bytes(method, r.round_log, PROJECTED_VOCAB, sampling=sampling, num_candidates=m)
+        proj = projected_decoding_bytes(wire_mode or method, r.round_log, PROJECTED_VOCAB, sampling=sampling,
+                                        num_candidates=m)  # fmt: skip
         row["projected_bytes_decoding"] = proj["total"]
     return row
 
@@ -173,7 +176,7 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
             for method in methods:
                 r = engine.run(method, image, sample.question, link_seed=cfg.seed * 100_003 + i)
                 row = result_row(sample, method, r, engine.target.vocab_size, not greedy,
-                                 cfg.verification.num_candidates)  # fmt: skip
+                                 cfg.verification.num_candidates, method_config(cfg, method)[0])  # fmt: skip
                 if method == "target_only":
                     reference[sample.sample_id] = r.token_ids
                 stats[method].add(row)

@@ -28,3 +28,19 @@ def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys):
     assert all({"tree_rounds", "tree_hits", "tree_nodes"} <= r.keys() for r in rows if r["method"] == "covspec")
     printed = "".join(capsys.readouterr().out.split())  # rich wraps the title
     assert f"edgeina{edge}" in printed and "covspec" in printed
+
+
+def test_an_ablations_projected_bytes_use_its_wire_mode():
+    """An ablation talks to the edge as covspec: its projected bytes (MoreCandidates included, which only covspec
+    sends) are covspec's formula, not an error about an unknown mode."""
+    from covspec.data.shapes import load_split
+    from covspec.protocol import Round, projected_decoding_bytes
+    from covspec.runtime.device import RequestResult
+    from pipelines.bench import PROJECTED_VOCAB, result_row
+
+    sample = load_split("test", 1)[0]
+    rounds = [Round(4, 1, 2), Round(3, 3)]
+    r = RequestResult("covspec_no_tree", [5, 6, 7, 8, 9, 10], "", 0.1, 0.05, rounds=2, round_log=rounds)
+    row = result_row(sample, "covspec_no_tree", r, 50, True, 2, "covspec")
+    want = projected_decoding_bytes("covspec", rounds, PROJECTED_VOCAB, sampling=True, num_candidates=2)["total"]
+    assert row["projected_bytes_decoding"] == want
