@@ -86,7 +86,7 @@ def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling:
     row.update(r.metrics())
     if r.round_log and method != "draft_only":
         proj = projected_decoding_bytes(wire_mode or method, r.round_log, PROJECTED_VOCAB, sampling=sampling,
-                                        num_candidates=m)  # fmt: skip
+                                        num_candidates=m, close=not r.closed_by_edge)  # fmt: skip
         row["projected_bytes_decoding"] = proj["total"]
     return row
 

@@ -156,9 +156,11 @@ def test_vanilla_bytes_match_the_formula():
         for method in SPECULATIVE_METHODS:
             r = run(edge, draft, method, sample, max_new_tokens=20, gamma=3, temperature=temperature)
             formula = projected_decoding_bytes(method, r.round_log, target.vocab_size, sampling=temperature > 0,
-                                               num_candidates=4)  # fmt: skip
+                                               num_candidates=4, close=not r.closed_by_edge)  # fmt: skip
             counted = r.traffic.total("up", "decoding") + r.traffic.total("down", "decoding")
             assert counted == formula["total"], (method, temperature)  # the formula counts the Close frame too
+            assert r.traffic.messages["up", "Close"] == (not r.closed_by_edge), (method, temperature)
+            assert r.closed_by_edge or temperature > 0, method  # greedy: the edge knows every round's last token
             if method == "vanilla_sd":
                 # the float32 distributions alone: k q-rows up and k+1 p-rows down per round
                 floats = sum(4 * rnd.k * v + 4 * (rnd.k + 1) * v for rnd in r.round_log)
@@ -295,3 +297,22 @@ def test_edge_error_surfaces_on_device():
     r = run(edge, tiny_llava(TinySpec(), 1), "covspec", sample, max_new_tokens=4)
     assert len(r.token_ids) > 0
     assert r.round_log and isinstance(r.round_log[0], Round)
+
+
+def test_every_session_is_closed_once_by_the_edge_or_the_device():
+    """The verdict that ends an answer closes the session where the edge knows the round's last token (greedy, or a
+    bonus it drew); otherwise the device sends Close. Device and edge apply the same rule: after requests of every
+    method, greedy and sampling, token trees included, the edge holds no session and refused no frame."""
+    target, draft = tiny_llava(TINY_SPECS[0], 0), tiny_llava(TINY_SPECS[0], 0, 0.6)
+    edge = Edge(target)
+    sample = load_split("test", 1)[0]
+    by_edge = {True: 0, False: 0}
+    for temperature in (0.0, 1.0):
+        for method, extra in [*((m, {}) for m in SPECULATIVE_METHODS), ("covspec", {"tree": 2}),
+                              ("target_only", {})]:  # fmt: skip
+            for seed in range(3):
+                r = run(edge, draft, method, sample, max_new_tokens=12, gamma=3, temperature=temperature, seed=seed,
+                        **extra)  # fmt: skip
+                by_edge[r.closed_by_edge] += method != "target_only"
+    assert not edge.sessions and edge.stats.errors == 0
+    assert by_edge[True] > 0 and by_edge[False] > 0, by_edge  # both ways were taken

@@ -118,7 +118,7 @@ class DeviceWorker:
             base, _ = method_config(self.cfg, job.method)
             row["projected_bytes_decoding"] = projected_decoding_bytes(
                 base, result.round_log, PROJECTED_VOCAB, sampling=self.cfg.generation.temperature > 0,
-                num_candidates=self.cfg.verification.num_candidates,
+                num_candidates=self.cfg.verification.num_candidates, close=not result.closed_by_edge,
             )["total"]  # fmt: skip
         row.update({"device": self.index, "peer": self.peer, "started_at": started, "finished_at": time.time()})
         return row

@@ -329,8 +329,9 @@ def projected_decoding_bytes(
     num_candidates: int = 0,
     id_bytes: int | None = None,
     session_id_len: int = SESSION_ID_LEN,
+    close: bool = True,
 ) -> dict[str, int]:
-    """A request's decoding traffic (everything after the upload, Close included) for a given vocabulary.
+    """A request's decoding traffic (everything after the upload, the Close frame included) for a given vocabulary.
 
     Exact for the vocabulary the request ran with (given its ids' sizes); for another vocabulary it is the
     *projected* figure: the same rounds, with distributions of the new size and ids costing ``id_bytes``
@@ -342,11 +343,13 @@ def projected_decoding_bytes(
         vocab_size: the vocabulary to project to.
         sampling: temperature > 0.
         num_candidates: m (covspec).
+        close: the device sent a Close frame (False when the verdict that ended the answer closed the session:
+            ``RequestResult.closed_by_edge``).
 
     Returns:
         ``{"up": bytes, "down": bytes, "total": bytes}``.
     """
-    up = close_bytes(session_id_len)
+    up = close_bytes(session_id_len) if close and mode != "target_only" else 0
     down = committed = 0
     for seq, r in enumerate(rounds):
         r = Round(*r)

@@ -32,6 +32,10 @@ Message flow and conventions (the byte formulas in ``accounting`` rely on them):
   correction: when the main chain is rejected at depth n, ``alts`` holds one ``AltVerdict`` per alternative rooted
   at depth n (its continuation's accept test, then its bonus or candidates); if the device's correction is that
   alternative's token, it commits the alternative's verdict and names it in the next request's ``via``.
+- A session ends with a ``Close`` from the device, or, without one, with the verdict that ends the answer where the
+  edge knows the round's last token (greedy decoding, or a bonus it drew): an accepted EOS, that token being EOS, or
+  the answer reaching ``max_new_tokens``. Both sides apply this rule (``Edge._verdict``, ``Device._settle_round``);
+  a target_only stream ends with its last ``TokenChunk``.
 - ``decode`` checks everything that needs no session state; ``check_against`` / ``validate_against`` check the
   rest (vocabulary, method, committed length). A receiver answers a bad message with an ``ErrorReply`` and
   changes no state.
@@ -49,7 +53,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 5  # 4: token trees (branches, leaf); 5: sampling trees (VerifyResponse.alts, via)
+PROTOCOL_VERSION = 6  # 4: token trees (branches, leaf); 5: sampling trees (alts, via); 6: the edge closes ended answers
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 WIRE_MODES = ("target_only", "vanilla_sd", "dssd", "covspec")
 """How a method talks to the edge; covspec's ablations use the ``covspec`` mode."""
@@ -182,6 +186,8 @@ class MoreCandidates(_Message, tag=3):
 
 
 class Close(_Message, tag=4):
+    """The device ends its session; not sent after a verdict that closed it (see the module docstring)."""
+
     session_id: SessionId
 
 

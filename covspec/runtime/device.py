@@ -88,6 +88,7 @@ class EdgeSession:
     correcting: tuple[list[int], list[int], int] | None = None  # a correction in progress: committed, accepted, round
     reopens: int = 0  # in total
     failed: int = 0  # reopens since the last reply
+    closed: bool = False  # the edge closed it after the verdict that ended the answer (no Close is sent)
 
     @property
     def sid(self) -> str:
@@ -153,6 +154,7 @@ class RequestResult:
     tree_nodes: int = 0  # alternative tokens sent in trees (not counted in num_drafted, which counts the blocks)
     controller_gammas: list[int] = field(default_factory=list)  # adaptive: the controller's gamma for each block
     session_reopens: int = 0  # times the edge session was lost and reopened from the committed tokens
+    closed_by_edge: bool = False  # the verdict that ended the answer closed the session: no Close frame was sent
 
     @property
     def num_tokens(self) -> int:
@@ -490,11 +492,17 @@ class Device:
         if not done:
             committed.append(token)
         result.token_ids = committed
-        return token, done or len(committed) >= s.max_new_tokens
+        done = done or len(committed) >= s.max_new_tokens
+        # The edge closes the session after a verdict that ends the answer where it knows the round's last token:
+        # an accepted EOS, or its own token (greedy, or a bonus it drew) that is EOS or the last one allowed.
+        self.session.closed = done and (hit_eos or s.temperature == 0 or reply.token >= 0)
+        return token, done
 
     def _close(self, result: RequestResult, committed: list[int], start: float) -> RequestResult:
-        """Close the session and finish the request's result."""
-        self.transport.send(Close(self.session.sid))
+        """Close the session (unless the edge did) and finish the request's result."""
+        if not self.session.closed:
+            self.transport.send(Close(self.session.sid))
+        result.closed_by_edge = self.session.closed
         result.session_reopens = self._reopens()
         self.session = None
         result.token_ids = committed[: self.settings.max_new_tokens]
@@ -546,6 +554,7 @@ class Device:
         if not done:
             committed.append(token)
         result.token_ids = committed
+        self.session.closed = False  # the edge learns that the alternative was taken only from a next frame
         return token, done or len(committed) >= self.settings.max_new_tokens
 
     def _finish_round(

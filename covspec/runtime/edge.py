@@ -831,6 +831,15 @@ class Edge:
             cand_ids, cand_probs = ids.tolist(), probs_to_bytes(vals)
             expected.candidates, expected.p_row = set(cand_ids), row
         s.expected = expected
+        # A verdict that ends the answer closes the session, where the edge knows the round's last token (greedy, or a
+        # bonus it drew): an accepted EOS, that token being EOS, or the answer reaching max_new_tokens with it. The
+        # device applies the same rule and sends no Close (Device._settle_round).
+        eos = self.target.eos_token_ids
+        last = expected.token
+        if (n > 0 and s.committed[-1] in eos) or (
+            last >= 0 and (last in eos or len(s.committed) + 1 >= s.max_new_tokens)
+        ):
+            self.sessions.pop(s.session_id, None)
         return VerifyResponse(s.session_id, msg.seq, n, token, cand_ids, cand_probs, dists)
 
     def _more_candidates(self, s: Session, msg: MoreCandidates) -> VerifyResponse:
