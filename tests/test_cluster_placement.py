@@ -69,3 +69,13 @@ def test_the_run_table_says_what_is_pinned():
     c = load_config(None, ["cluster.edge_cores=[0]", "cluster.device_cores=[1, 2]"]).cluster
     assert _pinning(c) == "; edge pinned to core(s) 0; devices pinned to core(s) 1, 2"
     assert _pinning(load_config(None, []).cluster) == ""
+
+
+def test_the_run_table_names_edge_error_replies():
+    from covspec.cluster.experiment import format_table
+
+    cfg = load_config(None, ["methods=[target_only,covspec]"])
+    quiet = [{"method": "target_only", "edge_errors": 0}, {"method": "covspec", "edge_errors": 0}]
+    assert "Edge error replies" not in format_table(cfg, quiet, "r1")
+    text = format_table(cfg, [quiet[0], {"method": "covspec", "edge_errors": 3}], "r1")
+    assert "Edge error replies: covspec 3" in " ".join(text.split())

@@ -268,6 +268,7 @@ def summarize_run(cfg: Config, rows: list[dict[str, Any]], phases: dict[str, Met
             for key in ("prefills", "fused_prefills", "idle_prefills"):  # how the edge prefilled (docs/engine.md)
                 row[f"edge_{key}"] = phase.edge.get(key, 0)
             row["retries"] = phase.retries
+            row["edge_errors"] = phase.edge.get("errors", 0)  # frames the edge answered with an ErrorReply
         row["device_busy_s"] = s.sum("device_busy_s")
         row["session_reopens"] = s.sum("session_reopens")
     if base is not None:
@@ -395,6 +396,11 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         f"thread(s){'' if nice is None else f'; niceness: devices {nice[0]}, edge {nice[1]}'}{_pinning(c)}; this "
         f"machine has {os.cpu_count()} cores{'' if c.edge_cores or c.device_cores else ' shared by all of them'}."
     )  # fmt: skip
+    refused = [f"{row['method']} {row['edge_errors']}" for row in summary if row.get("edge_errors")]
+    if refused:
+        console.print(f"Edge error replies: {', '.join(refused)} (frames the edge refused: sessions it had lost, "
+                      "which devices reopen, or a disagreement between device and edge; docs/cluster.md, "
+                      "Faults).")  # fmt: skip
     return console.export_text()
 
 
