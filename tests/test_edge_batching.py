@@ -180,13 +180,32 @@ def test_reopen_refuses_bad_committed_tokens(target):
     sample = load_split("test", 1)[0]
     edge = Edge(target)
     ids = target.prepare(sample.image(), sample.question).input_ids.tolist()
-    for committed, words in (([target.eos_token_id], "EOS"), ([5] * 32, "max_new_tokens"),
-                             ([target.image_token_id], "placeholder")):  # fmt: skip
+    for committed, words in (([target.eos_token_id], "EOS"), ([5] * 32, "max_new_tokens")):
         msg = OpenSession(new_session_id(), "covspec", ids, png_bytes(sample.image()), "png", 0.0, 1.0, 32, 0, 4,
                           committed=committed, seq=3)  # fmt: skip
         reply = edge.process([Frame(encode(msg))])[0][0][0]
         assert isinstance(reply, ErrorReply) and words in reply.message
     assert not edge.sessions
+
+
+@pytest.mark.parametrize("method", ["covspec", "target_only"])
+def test_a_reopen_whose_tokens_hold_the_image_placeholder_feeds_them_as_the_lost_session_did(target, method):
+    """A sampled answer can hold the image placeholder id. Prefilled with the prompt it would be counted as part of
+    the image; the edge feeds such committed tokens after the prefill instead, as plain tokens, exactly as the lost
+    session had fed them: the reopened session continues from the same logits."""
+    sample = load_split("test", 1)[0]
+    edge = Edge(target)
+    inputs = target.prepare(sample.image(), sample.question)
+    committed = [5, target.image_token_id, 7]
+    msg = OpenSession(new_session_id(), method, inputs.input_ids.tolist(), png_bytes(sample.image()), "png", 0.0,
+                      1.0, 32, 0, 4, committed=committed, seq=3)  # fmt: skip
+    reply = edge.process([Frame(encode(msg))])[0][0][0]
+    assert not isinstance(reply, ErrorReply), reply
+    s = edge.sessions[msg.session_id]
+    state, _ = target.prefill(inputs)
+    want = target.forward(state, torch.tensor(committed))[-1]
+    assert s.committed == committed and s.state.seq_len == state.seq_len
+    assert torch.allclose(s.last_logits, want.float(), atol=1e-4)
 
 
 class _Forgetful:

@@ -199,6 +199,7 @@ class _Open:
     inputs: PromptInputs
     keep: torch.Tensor | None
     out: list[Message]
+    carry: list[int] = field(default_factory=list)  # reopened: committed tokens fed after the prefill (see _open_check)
 
 
 @dataclass
@@ -503,20 +504,22 @@ class Edge:
         if len(msg.committed) >= msg.max_new_tokens:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"committed holds {len(msg.committed)} tokens, "
                                 f"max_new_tokens is {msg.max_new_tokens}")  # fmt: skip
-        if self.target.image_token_id in msg.committed:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, "committed holds an image placeholder token")
         try:
             with Image.open(io.BytesIO(msg.image)) as img:
                 image = img.convert("RGB")
         except Exception as exc:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"image is not a readable {msg.image_format}") from exc
-        # A reopened session prefills its committed tokens with the prompt: one forward, positions continue.
-        inputs = self.target.prepare_from_ids(image, list(msg.prompt_ids) + list(msg.committed))
+        # A reopened session prefills its committed tokens with the prompt: one forward, positions continue. Unless
+        # they hold the image placeholder id (a sampled answer can, where the target gives it mass): the prompt's
+        # placeholders would then be miscounted, so those tokens are fed after the prefill, as plain tokens, exactly
+        # as the lost session fed them.
+        carry = list(msg.committed) if self.target.image_token_id in msg.committed else []
+        inputs = self.target.prepare_from_ids(image, list(msg.prompt_ids) + ([] if carry else list(msg.committed)))
         if inputs.num_visual_tokens == 0:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "prompt_ids hold no image placeholder tokens")
         keep = self._kept(msg, inputs.num_visual_tokens)
         self.seen_ids.add(msg.session_id)  # never reused, even if the prefill fails
-        return _Open(msg, peer, inputs, keep, out)
+        return _Open(msg, peer, inputs, keep, out, carry)
 
     def _prefill(self, opens: list[_Open]) -> None:
         """Prefill every checked OpenSession: unpruned ones in one batched forward when the adapter can."""
@@ -525,7 +528,7 @@ class Edge:
         if self.defer_prefill:  # speculative sessions wait for their first block (see the class docstring)
             now = []
             for o in opens:
-                if o.keep is None and o.msg.method != "target_only":
+                if o.keep is None and o.msg.method != "target_only" and not o.carry:
                     self._open_session(o, None, None)
                 else:
                     now.append(o)
@@ -540,7 +543,11 @@ class Edge:
                     o.out.append(error_reply(_unfit(res), o.msg))
                     continue
                 self.stats.prefills += 1
-                self._open_session(o, res[0], res[1].float().cpu())
+                state, logits = res
+                if o.carry:
+                    logits = self.target.forward(state, torch.tensor(o.carry))[-1]
+                    self.stats.forwards += 1
+                self._open_session(o, state, logits.float().cpu())
 
     def _prefill_all(
         self,
