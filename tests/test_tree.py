@@ -356,3 +356,36 @@ def test_sampling_trees_run_through_the_device_and_are_seeded():
     transport.close()
     assert sum(r.tree_rounds for r in results) > 12 and sum(r.tree_hits for r in results) > 0
     assert results[-1].token_ids == results[0].token_ids
+
+
+def test_sampling_tree_refills_and_full_row_fallback_for_the_round_and_an_alternative(edge_and_target):
+    """MoreCandidates refills the round's correction (``via`` omitted) or a taken alternative's (``via``: its root),
+    each from its own row; after 8 refills the edge ships that row itself, and the next block may then commit any
+    token with p > 0 there."""
+    from covspec.protocol import MoreCandidates, bytes_to_probs
+
+    edge, target = edge_and_target
+    sample = load_split("test", 1, offset=1)[0]
+    inputs = target.prepare(sample.image(), sample.question)
+    _, logits = target.prefill(inputs)
+    p = torch.softmax(logits.double(), -1)
+    worst, best = int(p.argmin()), int(p.argmax())
+    after_best = torch.softmax(target.forward(target.prefill(inputs)[0], torch.tensor([best]))[-1].double(), -1)
+    bad_cont = int(after_best.argmin())  # drafted with q = 1: rejected unless p(x) = 1
+    for via in (-1, 1):
+        sid = _open(edge, target, sample, temperature=1.0)
+        tree = VerifyRequest(sid, 0, [worst, best, bad_cont], committed_len=0, last_token=-1,
+                             draft_probs=probs_to_bytes(np.array([1.0, 1.0, 1.0])), branches=[-1, 2])  # fmt: skip
+        reply = _ask(edge, tree)
+        assert reply.num_accepted == 0 and [(v.node, v.num_accepted, v.token) for v in reply.alts] == [(1, 0, -1)]
+        rows = [bytes_to_probs(_ask(edge, MoreCandidates(sid, 0, via)).target_dists) for _ in range(8)]
+        assert all(len(r) == 0 for r in rows[:7]) and len(rows[7]) == target.vocab_size
+        want = p if via < 0 else after_best
+        assert np.allclose(rows[7], want.numpy(), atol=1e-5)
+        middling = [int(t) for t in np.argsort(rows[7])[len(rows[7]) // 2 :] if t != target.eos_token_id]
+        anything = middling[0]  # a token with p > 0 that no candidate need have been
+        committed = 1 if via < 0 else 2
+        nxt = VerifyRequest(sid, 1, [5], committed_len=committed, last_token=anything,
+                            draft_probs=probs_to_bytes(np.array([0.5])), via=via)  # fmt: skip
+        assert isinstance(_ask(edge, nxt), VerifyResponse)
+        assert edge.sessions[sid].committed[:committed] == ([anything] if via < 0 else [best, anything])
