@@ -389,3 +389,17 @@ def test_sampling_tree_refills_and_full_row_fallback_for_the_round_and_an_altern
                             draft_probs=probs_to_bytes(np.array([0.5])), via=via)  # fmt: skip
         assert isinstance(_ask(edge, nxt), VerifyResponse)
         assert edge.sessions[sid].committed[:committed] == ([anything] if via < 0 else [best, anything])
+
+
+def test_trees_under_sampling_are_opt_in():
+    """``branching.tree`` applies to greedy decoding; under sampling only with ``branching.sampling_trees``."""
+    from covspec.config import load_config
+    from covspec.errors import ConfigError
+    from covspec.runtime.engine import device_settings
+
+    assert device_settings(load_config(None, []), "covspec").tree == 2
+    assert device_settings(load_config(None, ["generation.temperature=1.0"]), "covspec").tree == 0
+    cfg = load_config(None, ["generation.temperature=1.0", "branching.sampling_trees=true"])
+    assert device_settings(cfg, "covspec").tree == 2 and device_settings(cfg, "covspec_no_tree").tree == 0
+    with pytest.raises(ConfigError, match=r"branching\.sampling_trees"):
+        load_config(None, ["branching.sampling_trees=maybe"])

@@ -66,6 +66,7 @@ def method_config(cfg: Config, method: str) -> tuple[str, Config]:
 def device_settings(cfg: Config, method: str) -> DeviceSettings:
     """What a Device needs for ``method`` (a base method or an ablation) under ``cfg``."""
     method, cfg = method_config(cfg, method)
+    greedy = cfg.generation.temperature == 0
     return DeviceSettings(
         method=method,
         max_new_tokens=cfg.generation.max_new_tokens,
@@ -82,7 +83,7 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
         threshold=cfg.drafting.threshold,
         stop=cfg.drafting.stop,
         branch_budget=cfg.branching.budget if method == "covspec" else 0,
-        tree=cfg.branching.tree if method == "covspec" else 0,
+        tree=cfg.branching.tree if method == "covspec" and (greedy or cfg.branching.sampling_trees) else 0,
         prune_target=cfg.pruning.prune_target,
     )
 
