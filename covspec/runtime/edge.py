@@ -545,7 +545,12 @@ class Edge:
                 self.stats.prefills += 1
                 state, logits = res
                 if o.carry:
-                    logits = self.target.forward(state, torch.tensor(o.carry))[-1]
+                    try:
+                        logits = self.target.forward(state, torch.tensor(o.carry))[-1]
+                    except (ValueError, RuntimeError) as exc:
+                        self.stats.errors += 1
+                        o.out.append(error_reply(_unfit(exc), o.msg))
+                        continue
                     self.stats.forwards += 1
                 self._open_session(o, state, logits.float().cpu())
 
