@@ -363,18 +363,23 @@ class BranchingConfig(_Section):
     tree: int = 2
     """Alternative branches sent with each block and verified in the same round (token-tree verification): at the
     block's least confident positions, the draft's second (or third) choice and a continuation after it. 0: the
-    block is a chain. Greedy decoding; under sampling only with ``sampling_trees``. covspec only; see
+    block is a chain. Greedy decoding; under sampling with ``sampling_trees``. covspec only; see
     docs/drafting.md."""
 
-    sampling_trees: bool = False
+    sampling_trees: bool = True
     """Send token trees under sampling too: the alternatives are then guesses of the correction, verified ahead
-    (exact). Off by default: on the toy pair they cut rounds per answer by 11-22% but cost the device more drafting
-    than the rounds save (docs/drafting.md, "Token trees under sampling")."""
+    (exact); docs/drafting.md, "Token trees under sampling"."""
+
+    sampling_continuation: int = 4
+    """Under sampling, the most tokens drafted after a tree alternative's root (>= 0; 0: as deep as the block, as
+    under greedy decoding). Sampled continuations are rarely accepted far: on the toy pair full-depth ones cost more
+    drafting than they saved, 4 paid at every RTT measured (docs/drafting.md)."""
 
     def _check(self, prefix: str) -> None:
         _check_int(_join(prefix, "budget"), self.budget, 0)
         _check_int(_join(prefix, "tree"), self.tree, 0)
         _check_bool(_join(prefix, "sampling_trees"), self.sampling_trees)
+        _check_int(_join(prefix, "sampling_continuation"), self.sampling_continuation, 0)
 
 
 @dataclass

@@ -8,8 +8,8 @@ Variants (all method ``covspec``, same models, edge, samples and link apart from
 - ``adaptive``: ``drafting.policy=adaptive`` (confidence stop + controller), no branching;
 - ``adaptive+branching``: adaptive with ``branching.budget`` branches (4 when the config's budget is 0);
 - ``adaptive+branching+tree``: that, and each block sent as a token tree with ``branching.tree`` alternatives
-  (2 when the config's is 0) verified in the same round (greedy; under sampling with ``branching.sampling_trees=true``
-  only, the alternatives then being guesses of the correction: docs/drafting.md).
+  (2 when the config's is 0) verified in the same round (under sampling with ``branching.sampling_trees``, the
+  alternatives then being guesses of the correction: docs/drafting.md).
 
 Each (RTT, variant) pair is one device on its own emulated link, serving every sample in turn (the adaptive policy's
 estimates carry over between its requests, as on a phone). For each sample ``target_only`` runs once (the greedy

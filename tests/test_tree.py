@@ -356,6 +356,16 @@ def test_sampling_trees_run_through_the_device_and_are_seeded():
     transport.close()
     assert sum(r.tree_rounds for r in results) > 12 and sum(r.tree_hits for r in results) > 0
     assert results[-1].token_ids == results[0].token_ids
+    # tree_continuation caps what is drafted after each alternative's root (2 alternatives: at most 4 nodes a round)
+    transport = InProcessTransport(edge.handle, Link(colocated_profile()))
+    nodes = {}
+    for cap in (0, 1):
+        rs = [Device(draft, transport, DeviceSettings(method="covspec", max_new_tokens=10, temperature=1.0, seed=seed,
+                                                      policy="fixed", gamma=6, tree=2, tree_continuation=cap)
+                     ).run(sample.image(), sample.question) for seed in range(6)]  # fmt: skip
+        nodes[cap] = (sum(r.tree_nodes for r in rs), sum(r.tree_rounds for r in rs))
+    transport.close()
+    assert nodes[1][0] <= 4 * nodes[1][1] and nodes[0][0] > nodes[1][0], nodes
 
 
 def test_sampling_tree_refills_and_full_row_fallback_for_the_round_and_an_alternative(edge_and_target):
@@ -391,15 +401,21 @@ def test_sampling_tree_refills_and_full_row_fallback_for_the_round_and_an_altern
         assert edge.sessions[sid].committed[:committed] == ([anything] if via < 0 else [best, anything])
 
 
-def test_trees_under_sampling_are_opt_in():
-    """``branching.tree`` applies to greedy decoding; under sampling only with ``branching.sampling_trees``."""
+def test_trees_under_sampling_are_configured():
+    """``branching.tree`` applies to greedy decoding, and under sampling with ``branching.sampling_trees``, whose
+    alternatives' continuations ``branching.sampling_continuation`` caps."""
     from covspec.config import load_config
     from covspec.errors import ConfigError
     from covspec.runtime.engine import device_settings
 
-    assert device_settings(load_config(None, []), "covspec").tree == 2
-    assert device_settings(load_config(None, ["generation.temperature=1.0"]), "covspec").tree == 0
-    cfg = load_config(None, ["generation.temperature=1.0", "branching.sampling_trees=true"])
-    assert device_settings(cfg, "covspec").tree == 2 and device_settings(cfg, "covspec_no_tree").tree == 0
-    with pytest.raises(ConfigError, match=r"branching\.sampling_trees"):
-        load_config(None, ["branching.sampling_trees=maybe"])
+    greedy = device_settings(load_config(None, []), "covspec")
+    assert (greedy.tree, greedy.tree_continuation) == (2, 0)
+    sampling = load_config(None, ["generation.temperature=1.0"])
+    assert (device_settings(sampling, "covspec").tree, device_settings(sampling, "covspec").tree_continuation) == (2, 4)
+    assert device_settings(sampling, "covspec_no_tree").tree == 0
+    off = load_config(None, ["generation.temperature=1.0", "branching.sampling_trees=false"])
+    assert device_settings(off, "covspec").tree == 0
+    for bad, key in [("branching.sampling_trees=maybe", "sampling_trees"),
+                     ("branching.sampling_continuation=-1", "sampling_continuation")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"branching\\.{key}"):
+            load_config(None, [bad])

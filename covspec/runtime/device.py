@@ -116,6 +116,7 @@ class DeviceSettings:
     stop: str = "threshold"  # the stop's threshold: threshold (fixed) or cost (the cost model's, capped)
     branch_budget: int = 0  # branches drafted while a block is verified (main + budget - 1 alternatives); 0: off
     tree: int = 0  # alternative branches sent with each block and verified in the same round; 0: chains
+    tree_continuation: int = 0  # most tokens drafted after a tree alternative's root; 0: as deep as the block
     prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
 
     @property

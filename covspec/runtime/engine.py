@@ -84,6 +84,7 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
         stop=cfg.drafting.stop,
         branch_budget=cfg.branching.budget if method == "covspec" else 0,
         tree=cfg.branching.tree if method == "covspec" and (greedy or cfg.branching.sampling_trees) else 0,
+        tree_continuation=0 if greedy else cfg.branching.sampling_continuation,
         prune_target=cfg.pruning.prune_target,
     )
 

@@ -309,6 +309,8 @@ class PipelinedLoop:
         alts = []
         for alt in plan_alternatives(rnd.block, self.tree_width, self.eos, max_root=max_new - committed_len - 1):
             caps[alt.root] = min(depth - alt.root - 1, max_new - committed_len - alt.root - 1)
+            if self.s.tree_continuation:  # under sampling, continuations are rarely accepted far (docs/drafting.md)
+                caps[alt.root] = min(caps[alt.root], self.s.tree_continuation)
             if self.policy.alternative_pays(alt.score, 1 + caps[alt.root]):
                 alts.append(alt)
         if not alts:
