@@ -246,7 +246,9 @@ def test_bad_trees_get_an_error_reply_and_change_nothing(edge_and_target):
 
 def _sampling_round0(edge: Edge, target, sample):
     """A sampling session and a first tree whose main chain is the target's least likely token (rejected unless
-    p(x) = 1) with two alternatives at the prefix: the two most likely tokens, each with a continuation of two."""
+    p(x) = 1) with two alternatives at the prefix: the two most likely tokens, each with a continuation of two. The
+    continuations' q values make the first alternative accept one token and correct the second (q = 1), and the
+    second accept both (q = 0.001) and send a bonus, unless p is below 0.001."""
     sid = _open(edge, target, sample, temperature=1.0)
     inputs = target.prepare(sample.image(), sample.question)
     _, logits = target.prefill(inputs)
@@ -255,7 +257,7 @@ def _sampling_round0(edge: Edge, target, sample):
     conts = [torch.topk(target.forward(target.prefill(inputs)[0], torch.tensor([r]))[-1], 2).indices.tolist()
              for r in (a, b)]  # fmt: skip
     ids = [worst, a, *conts[0], b, *conts[1]]
-    q = np.array([0.9, 1.0, 0.6, 0.5, 1.0, 0.7, 0.4])
+    q = np.array([0.9, 1.0, 1e-3, 1.0, 1.0, 1e-3, 1e-3])
     return sid, VerifyRequest(sid, 0, ids, committed_len=0, last_token=-1, draft_probs=probs_to_bytes(q),
                               branches=[-1, 3, -1, 3])  # fmt: skip
 
@@ -276,7 +278,7 @@ def test_sampling_tree_alternative_taken_commits_its_verdict_and_its_cache(edge_
         sid, tree = _sampling_round0(edge, target, sample)
         reply = _ask(edge, tree)
         assert isinstance(reply, VerifyResponse) and reply.num_accepted == 0 and reply.candidate_ids, reply
-        assert [v.node for v in reply.alts] == [1, 4]
+        assert [(v.node, v.num_accepted, v.token >= 0) for v in reply.alts] == [(1, 1, False), (4, 2, True)]
         s = edge.sessions[sid]
         if take is None:  # the correction was none of the roots: the alternatives' entries are dropped
             last, via, committed = reply.candidate_ids[0], -1, []

@@ -468,7 +468,6 @@ class Device:
         Returns the committed bonus/correction (None when the round ended on EOS) and whether the request is done.
         """
         s = self.settings
-        eos = self.draft.eos_token_ids
         sent, drafted = (len(ids), len(ids)) if tree is None else tree
         check_against(reply, self.draft.vocab_size, mode=s.method, sampling=s.temperature > 0,
                       num_drafted=sent, expected_seq=seq)  # fmt: skip
@@ -487,13 +486,7 @@ class Device:
         result.tree_nodes += sent - drafted
         result.num_accepted += n
         result.round_log.append(Round(drafted, n, result.more_candidate_requests - more_before))
-        hit_eos = n > 0 and ids[n - 1] in eos
-        committed.extend(ids[: n - 1] if hit_eos else ids[:n])  # EOS ends the answer, it is not part of it
-        done = hit_eos or token is None or token in eos
-        if not done:
-            committed.append(token)
-        result.token_ids = committed
-        done = done or len(committed) >= s.max_new_tokens
+        hit_eos, done = self._commit(committed, ids[:n], token, result)
         # The edge closes the session after a verdict that ends the answer where it knows the round's last token:
         # an accepted EOS, or its own token (greedy, or a bonus it drew) that is EOS or the last one allowed.
         self.session.closed = done and (hit_eos or s.temperature == 0 or reply.token >= 0)
@@ -548,15 +541,23 @@ class Device:
         drafted, n, more = result.round_log[-1]
         result.round_log[-1] = Round(drafted, n + 1 + m, more + result.more_candidate_requests - more_before)
         result.num_accepted += 1 + m  # the root, drafted in the tree, and its continuation
+        _, done = self._commit(committed, ids[:m], token, result)
+        self.session.closed = False  # the edge learns that the alternative was taken only from a next frame
+        return token, done
+
+    def _commit(
+        self, committed: list[int], accepted: list[int], token: int | None, result: RequestResult
+    ) -> tuple[bool, bool]:
+        """Append the accepted drafts and the round's last token to ``committed`` (an EOS ends the answer and is not
+        part of it); returns (an accepted draft was EOS, the request is done)."""
         eos = self.draft.eos_token_ids
-        hit_eos = m > 0 and ids[m - 1] in eos
-        committed.extend(ids[: m - 1] if hit_eos else ids[:m])
+        hit_eos = bool(accepted) and accepted[-1] in eos
+        committed.extend(accepted[:-1] if hit_eos else accepted)
         done = hit_eos or token is None or token in eos
         if not done:
             committed.append(token)
         result.token_ids = committed
-        self.session.closed = False  # the edge learns that the alternative was taken only from a next frame
-        return token, done or len(committed) >= self.settings.max_new_tokens
+        return hit_eos, done or len(committed) >= self.settings.max_new_tokens
 
     def _finish_round(
         self, seq: int, reply: VerifyResponse, ids: list[int], q_rows: torch.Tensor,

@@ -102,7 +102,8 @@ class Expected:
     row_sent: bool = False  # the device got p itself (dssd, vanilla, covspec's fallback): any token with p > 0
     more: int = 0  # MoreCandidates answered for this position
     alts: dict[int, PendingAlt] = field(default_factory=dict)  # sampling trees: root node -> its verdict
-    path_end: int = 0  # with ``alts``: the cache length of the committed path; the alternatives' entries follow
+    tree_base: int = 0  # with ``alts``: the cache length before the tree; the tree's entries are still all there
+    path: list[int] = field(default_factory=list)  # with ``alts``: the committed path's entries, from ``tree_base``
 
 
 @dataclass
@@ -111,7 +112,7 @@ class PendingAlt:
     says whether its correction took it (``VerifyRequest.via``)."""
 
     tokens: list[int]  # its root and accepted continuation: committed if taken
-    offset: int  # where its cache entries start, counted from ``Expected.path_end``
+    entries: list[int]  # its cache entries (root, accepted continuation), counted from ``Expected.tree_base``
     last_logits: torch.Tensor  # [V] target logits after its last accepted token
     expected: Expected  # what the device may commit after it: its bonus, or one of its candidates
 
@@ -746,9 +747,9 @@ class Edge:
         its bonus or candidates, all with fresh uniforms: if the device's correction is that root, committing the
         root, the accepted continuation and then the bonus or a correction from those candidates is one more exact
         speculative step after the root. Whichever token the correction is, its distribution is r: which
-        alternatives were sent only decides how much of the next step is already verified. The cache keeps the
-        committed path, then the accepted entries of those alternatives, until the next frame says which was taken
-        (``_take``)."""
+        alternatives were sent only decides how much of the next step is already verified. When there are such
+        alternatives the tree's cache entries stay as they are until the next frame says which path was taken
+        (``_take`` compacts them once)."""
         ids, c = msg.draft_ids, len(prefix)
         main = len(ids) - sum(msg.branches[1::2])
         p = probs_from_logits(rows.float(), s.temperature, s.top_p)  # [k + 1, V]
@@ -757,7 +758,6 @@ class Edge:
         keep = [*range(c), *(c + i for i in range(n))]
         alts: dict[int, PendingAlt] = {}
         verdicts: list[AltVerdict] = []
-        kept: list[int] = []  # the alternatives' cache entries, after the path's
         start = main
         for attach, length in zip(msg.branches[0::2], msg.branches[1::2], strict=True):
             root, cont = start, list(range(start + 1, start + length))
@@ -775,15 +775,15 @@ class Edge:
                 cand_ids, cand_probs = cand.tolist(), probs_to_bytes(vals)
                 exp.candidates, exp.p_row = set(cand_ids), row
             nodes = [root, *cont[:m]]
-            alts[root] = PendingAlt([ids[i] for i in nodes], len(kept), rows[after[m]], exp)
-            kept += [c + i for i in nodes]
+            alts[root] = PendingAlt([ids[i] for i in nodes], [c + i for i in nodes], rows[after[m]], exp)
             verdicts.append(AltVerdict(root, m, token, cand_ids, cand_probs))
-        keep_nodes(s.state, base_len, keep + kept)
+        if not alts:  # else the tree's entries stay until the next frame says which path to keep (one compaction)
+            keep_nodes(s.state, base_len, keep)
         s.last_logits = rows[n]
         s.seq += 1
         s.verified += 1
         verdict = self._verdict(s, msg, p, n, rejected)
-        s.expected.alts, s.expected.path_end = alts, base_len + len(keep)
+        s.expected.alts, s.expected.tree_base, s.expected.path = alts, base_len, keep
         return msgspec.structs.replace(verdict, leaf=n - 1, alts=verdicts)
 
     def _taken(self, s: Session, via: int) -> tuple[Expected | None, PendingAlt | None]:
@@ -796,14 +796,13 @@ class Edge:
         return alt.expected, alt
 
     def _take(self, s: Session, alt: PendingAlt | None) -> None:
-        """Settle the previous round's tree alternatives: drop their cache entries, or commit the one taken."""
+        """Settle the previous round's tree alternatives: keep the committed path's cache entries, and the taken
+        alternative's after them (one compaction of the tree's entries)."""
         exp = s.expected
         if exp is None or not exp.alts:
             return
-        if alt is None:
-            self.target.rollback(s.state, exp.path_end)
-        else:
-            keep_nodes(s.state, exp.path_end, list(range(alt.offset, alt.offset + len(alt.tokens))))
+        keep_nodes(s.state, exp.tree_base, exp.path + (alt.entries if alt is not None else []))
+        if alt is not None:
             s.committed.extend(alt.tokens)
             s.last_logits, s.expected = alt.last_logits, alt.expected
         exp.alts = {}
