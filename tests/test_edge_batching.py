@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from covspec.data.shapes import load_split
 from covspec.models.tiny import TINY_SPECS, tiny_llava
@@ -89,6 +90,41 @@ def test_batched_verification_equals_unbatched_for_sessions_of_different_lengths
         sa, sb = edge_a.sessions[sid], edge_b.sessions[sid]
         assert sa.state.seq_len == sb.state.seq_len and sa.committed == sb.committed
         torch.testing.assert_close(sa.last_logits, sb.last_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batched_forward_copies_each_sessions_cache_once(target, monkeypatch):
+    """The padded caches go into one buffer per layer sized for the whole forward, and the forward's new keys are
+    written into it in place: after it, every session's cache is a view of that buffer (no second copy), and the
+    logits equal per-session forwards. A layer asked to hold more than it was sized for falls back to copying."""
+    from covspec.models.kvcache import _filled_layer
+
+    samples = load_split("test", 3, offset=11)
+    prompts = [target.prepare(s.image(), s.question) for s in samples]
+    states = [target.prefill(p)[0] for p in prompts]
+    assert len({s.seq_len for s in states}) > 1
+    blocks = [torch.tensor([7, 9][: 1 + i % 2]) for i in range(3)]
+    concatenating = DynamicLayer.update
+    with monkeypatch.context() as m:
+        m.setattr(DynamicLayer, "update", lambda *a, **k: pytest.fail("the batched forward concatenated its cache"))
+        got = target.forward_batch(states, blocks)
+    assert DynamicLayer.update is concatenating
+    for layer in range(len(states[0].cache.layers)):
+        storages = {s.cache.layers[layer].keys.untyped_storage().data_ptr() for s in states}
+        assert len(storages) == 1, f"layer {layer}: the sessions' keys live in {len(storages)} buffers"
+    for p, block, logits in zip(prompts, blocks, got, strict=True):
+        ref, _ = target.prefill(p)
+        torch.testing.assert_close(logits, target.forward(ref, block), atol=1e-4, rtol=0)
+
+    layers = [s.cache.layers[0] for s in states]
+    past = [int(x.keys.shape[-2]) for x in layers]
+    width = max(past)
+    merged = _filled_layer(layers, past, width, width + 1)
+    assert torch.equal(merged.values[0, :, : width - past[0]], torch.zeros_like(merged.values[0, :, : width - past[0]]))
+    new = torch.randn(3, *layers[0].keys.shape[1:2], 2, layers[0].keys.shape[-1])
+    keys, _ = merged.update(new, new)  # 2 columns into a buffer with room for 1: concatenated instead
+    assert keys.shape[-2] == width + 2 and torch.equal(keys[..., width:, :], new)
+    for i, (layer, n) in enumerate(zip(layers, past, strict=True)):
+        assert torch.equal(keys[i, :, width - n : width], layer.keys[0])
 
 
 def test_target_only_steps_decode_all_streams_in_one_forward(target):
