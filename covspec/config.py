@@ -748,6 +748,8 @@ def _check_keys(data: Mapping, schema: type, prefix: str, where: str) -> None:
             _check_keys(value, hints[key], dotted, where)
         elif typing.get_origin(hints[key]) is dict and not isinstance(value, Mapping):  # OmegaConf: a TypeError
             raise ConfigError(f"{dotted} must be {_describe(hints[key])}, got {value!r}{where}")
+        elif hints[key] is bool and not isinstance(value, bool):  # OmegaConf would turn 3 into true and 0 into false
+            raise ConfigError(f"{dotted} must be {_describe(bool)}, got {value!r}{where}")
 
 
 def _first_line(err: OmegaConfBaseException) -> str:

@@ -100,6 +100,8 @@ def test_override_can_set_a_whole_section_and_null():
         ("data.limit=2.5", "data.limit must be an integer, got 2.5"),
         ("link.rtt_ms=fast", "link.rtt_ms must be a number, got 'fast'"),
         ("tracking.enabled=maybe", "tracking.enabled must be true or false, got 'maybe'"),
+        ("tracking.enabled=3", "tracking.enabled must be true or false, got 3"),  # OmegaConf alone: true
+        ("cluster.http=0", "cluster.http must be true or false, got 0"),  # OmegaConf alone: false
         ("methods=covspec", "methods must be a list of strings, got 'covspec'"),
         ("pruning=0.5", "pruning must be a section (a mapping of keys), got 0.5"),
         ("models.target.path=[a]", "models.target.path must be a string, got ['a']"),
@@ -167,6 +169,9 @@ def test_file_errors_are_named_in_the_message(write_yaml, tmp_path: Path):
     bad_key = write_yaml("pruning:\n  keeep_ratio: 0.5\n", "typo.yaml")
     with pytest.raises(ConfigError, match=r"unknown config key 'pruning\.keeep_ratio'.*typo\.yaml"):
         load_config(bad_key)
+    bad_bool = write_yaml("pruning:\n  merge: 1\n", "bool.yaml")
+    with pytest.raises(ConfigError, match=r"^pruning\.merge must be true or false, got 1 \(in .*bool\.yaml\)$"):
+        load_config(bad_bool)
     bad_type = write_yaml("data:\n  limit: abc\n", "type.yaml")
     with pytest.raises(ConfigError, match=r"^data\.limit must be an integer, got 'abc' \(in .*type\.yaml\)$"):
         load_config(bad_type)
