@@ -26,12 +26,11 @@ from covspec.data import load_benchmark
 from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_bound
 from covspec.models.base import cut_at_eos
-from covspec.protocol import projected_decoding_bytes
+from covspec.protocol.accounting import PROJECTED_VOCAB
 from covspec.runtime.device import RequestResult
 from covspec.runtime.engine import LocalEngine, method_config
 from covspec.runtime.transport import responsive_links
 
-PROJECTED_VOCAB = 151_936  # Qwen2.5-VL
 HF_PEER = "hf_assisted"
 HF_SETTINGS = (
     "transformers assisted generation, greedy, default assistant schedule (heuristic, 20 tokens, threshold 0.4)"
@@ -67,10 +66,8 @@ class MethodStats:
         return (self.sum("bytes_up") + self.sum("bytes_down")) / max(self.sum("num_tokens"), 1)
 
 
-def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling: bool, m: int,
-               wire_mode: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """One JSONL line: the required fields, then the request's metrics. ``wire_mode``: how ``method`` talks to the
-    edge (an ablation's base method; default ``method``), for the projected bytes."""
+def result_row(sample, method: str, r: RequestResult) -> dict[str, Any]:
+    """One JSONL line: the required fields, then the request's metrics (the projected bytes among them)."""
     row: dict[str, Any] = {
         "sample_id": sample.sample_id,
         "kind": sample.kind,
@@ -84,10 +81,6 @@ def result_row(sample, method: str, r: RequestResult, vocab_size: int, sampling:
         "group": getattr(sample, "group", ""),  # MMBench CircularEval: the question its rotated copies share
     }
     row.update(r.metrics())
-    if r.round_log and method != "draft_only":
-        proj = projected_decoding_bytes(wire_mode or method, r.round_log, PROJECTED_VOCAB, sampling=sampling,
-                                        num_candidates=m, close=not r.closed_by_edge)  # fmt: skip
-        row["projected_bytes_decoding"] = proj["total"]
     return row
 
 
@@ -175,8 +168,7 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
             image = sample.image()
             for method in methods:
                 r = engine.run(method, image, sample.question, link_seed=cfg.seed * 100_003 + i)
-                row = result_row(sample, method, r, engine.target.vocab_size, not greedy,
-                                 cfg.verification.num_candidates, method_config(cfg, method)[0])  # fmt: skip
+                row = result_row(sample, method, r)
                 if method == "target_only":
                     reference[sample.sample_id] = r.token_ids
                 stats[method].add(row)
@@ -263,7 +255,7 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fixed_chains(cfg: Config, name: str) -> bool:
     """Whether ``name`` drafts fixed-γ chains: the analytic bound (``speedup_bound``) models nothing else."""
-    from covspec.runtime.engine import device_settings, method_config
+    from covspec.runtime.engine import device_settings
 
     try:
         wire, method_cfg = method_config(cfg, name)
@@ -320,8 +312,8 @@ def print_report(report: dict[str, Any], file=None) -> list[dict[str, Any]]:
         f"target verify of {cfg.drafting.gamma} {costs['target_verify_s'] * 1e3:.2f} ms.\n"
         "B/tok: decoding traffic (both directions, after the one-time image+prompt upload) per generated token, "
         "counted from serialized frames. vanilla_sd and dssd ship float32 distributions, as their papers do.\n"
-        f"* projected: the same per-message byte formulas at a {PROJECTED_VOCAB:,}-token vocabulary (Qwen2.5-VL), "
-        "applied to this run's rounds.\n"
+        f"* projected: this run's frames re-sized for a {PROJECTED_VOCAB:,}-token vocabulary (Qwen2.5-VL): ids "
+        "of its worst-case size, distribution rows of its width, every other field as sent.\n"
         "bound: analytic speedup for the measured acceptance length, draft/target step ratio, verify cost and RTT "
         "(covspec.decoding.analysis).\n"
         + (f"{HF_PEER}: {HF_SETTINGS}; co-located (no link); in transformers 5.x its draft never sees the image."

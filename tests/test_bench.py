@@ -30,17 +30,31 @@ def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys):
     assert f"edgeina{edge}" in printed and "covspec" in printed
 
 
-def test_an_ablations_projected_bytes_use_its_wire_mode():
-    """An ablation talks to the edge as covspec: its projected bytes (MoreCandidates included, which only covspec
-    sends) are covspec's formula, not an error about an unknown mode."""
+def test_a_rows_projected_bytes_are_its_requests_frames_resized():
+    """An ablation talks to the edge as covspec: its projected bytes are those of the frames it sent and got (a
+    MoreCandidates included, which only covspec sends), re-sized for the real vocabulary, whatever its name."""
     from covspec.data.shapes import load_split
-    from covspec.protocol import Round, projected_decoding_bytes
+    from covspec.protocol import (
+        PROJECTED_VOCAB,
+        MoreCandidates,
+        Projection,
+        TrafficCounter,
+        VerifyRequest,
+        VerifyResponse,
+        encode,
+        new_session_id,
+        projected_frame_bytes,
+    )
     from covspec.runtime.device import RequestResult
-    from pipelines.bench import PROJECTED_VOCAB, result_row
+    from pipelines.bench import result_row
 
-    sample = load_split("test", 1)[0]
-    rounds = [Round(4, 1, 2), Round(3, 3)]
-    r = RequestResult("covspec_no_tree", [5, 6, 7, 8, 9, 10], "", 0.1, 0.05, rounds=2, round_log=rounds)
-    row = result_row(sample, "covspec_no_tree", r, 50, True, 2, "covspec")
-    want = projected_decoding_bytes("covspec", rounds, PROJECTED_VOCAB, sampling=True, num_candidates=2)["total"]
-    assert row["projected_bytes_decoding"] == want
+    sample, sid = load_split("test", 1)[0], new_session_id()
+    frames = [("up", VerifyRequest(sid, 0, [5, 6, 7], 0, -1, b"\0" * 12)), ("up", MoreCandidates(sid, 0)),
+              ("down", VerifyResponse(sid, 0, 1, -1, [8, 9], b"\0" * 8))]  # fmt: skip
+    traffic = TrafficCounter(Projection(PROJECTED_VOCAB, 50))
+    for direction, msg in frames:
+        traffic.record(direction, msg, len(encode(msg)))
+    r = RequestResult("covspec_no_tree", [5, 6, 7, 8], "", 0.1, 0.05, rounds=1, traffic=traffic)
+    row = result_row(sample, "covspec_no_tree", r)
+    want = sum(projected_frame_bytes(m, PROJECTED_VOCAB, 50) for _, m in frames)
+    assert row["projected_bytes_decoding"] == want > traffic.decoding_bytes

@@ -207,3 +207,93 @@ def test_counters_merge_and_pickle():
     a += b
     assert a == total
     assert pickle.loads(pickle.dumps(a)) == a
+
+
+# -- frames projected to another vocabulary (what the runtime reports) ----------------------------------------------
+
+
+def tree_frames(vocab: int) -> list:
+    """One frame of every decoding type, token trees and sampling alternatives included, ids below ``vocab``."""
+    from covspec.protocol import AltVerdict
+
+    t = vocab - 1
+    return [
+        VerifyRequest(SID, 4, [t, 3, t, 5, 6], 12, t, f32s(5), b"", [0, 2, 1, 1], via=2),
+        VerifyRequest(SID, 0, [t, 3], 0, -1, f32s(2), f32s(2 * vocab)),  # vanilla_sd: k rows of q
+        VerifyResponse(
+            SID,
+            4,
+            1,
+            -1,
+            [t, 2],
+            f32s(2),
+            b"",
+            leaf=1,
+            alts=[AltVerdict(3, 1, t, [], b""), AltVerdict(5, 0, -1, [t, 4, 0], f32s(3))],
+        ),
+        VerifyResponse(SID, 2, 0, -1, target_dists=f32s(3 * vocab)),  # vanilla_sd: k + 1 rows of p
+        VerifyResponse(SID, 2, 3, t, leaf=4),
+        MoreCandidates(SID, 4, via=5),
+        TokenChunk(SID, 9, [t, 0, 7], True),
+        Close(SID),
+        SessionOpened(SID, vocab, [2, t]),
+        OpenSession(SID, "covspec", [1, t, 4], b"png", "png", 1.0, 1.0, 48, 0, 4, committed=[t, 8], seq=3),
+    ]
+
+
+ID_COUNTS = [6, 2, 6, 0, 1, 0, 3, 0, 2, 5]
+"""Token ids (not -1) in each of ``tree_frames``: draft_ids and last_token; candidate_ids, token and each
+alternative's; token_ids; eos_ids; prompt_ids and committed."""
+
+
+@pytest.mark.parametrize("vocab", [50, 120])
+def test_a_frame_projected_to_its_own_vocabulary_is_its_frame(vocab):
+    """Every field is kept as sent (trees, via, leaf, alternatives, seqs), so at the wire vocabulary, with ids of the
+    size they had, the projection is the frame's own length."""
+    from covspec.protocol import projected_frame_bytes
+
+    for msg in tree_frames(vocab):
+        assert projected_frame_bytes(msg, vocab, vocab) == len(encode(msg)), type(msg).__name__
+
+
+def test_projection_resizes_every_id_and_every_distribution_row():
+    """From a 50-token wire vocabulary to 151,936: each id grows from 1 to 5 bytes, each float32 row from 50 to
+    151,936 values (with its bin header), SessionOpened's vocab_size from 1 to 5 bytes; nothing else changes."""
+    from covspec.protocol import projected_frame_bytes
+    from covspec.protocol.accounting import bin_bytes
+
+    for msg, ids in zip(tree_frames(50), ID_COUNTS, strict=True):
+        name = type(msg).__name__
+        field = {"VerifyRequest": "draft_dists", "VerifyResponse": "target_dists"}.get(name, "")
+        rows = len(getattr(msg, field, b"")) // 200 if field else 0
+        dists = bin_bytes(4 * rows * QWEN_VOCAB) - bin_bytes(200 * rows) if rows else 0
+        grow = 4 * ids + dists + (4 if name == "SessionOpened" else 0)
+        assert projected_frame_bytes(msg, QWEN_VOCAB, 50) == len(encode(msg)) + grow, name
+        assert projected_frame_bytes(msg, QWEN_VOCAB, 50, id_bytes=3) == len(encode(msg)) + grow - 2 * ids, name
+    with pytest.raises(ValueError, match="not float32 rows of 64"):
+        projected_frame_bytes(tree_frames(50)[1], QWEN_VOCAB, 64)
+    with pytest.raises(ValueError, match="id_bytes"):
+        projected_frame_bytes(Close(SID), QWEN_VOCAB, 50, id_bytes=4)
+
+
+def test_a_projecting_counter_adds_up_the_projected_frames():
+    from covspec.protocol import Projection, projected_frame_bytes
+
+    c = TrafficCounter(Projection(QWEN_VOCAB, 50))
+    frames = tree_frames(50)
+    for msg in frames:
+        c.record(
+            "down" if isinstance(msg, VerifyResponse | TokenChunk | SessionOpened) else "up", msg, len(encode(msg))
+        )
+    c.record("down", "undecodable", 13)  # a frame that did not decode counts as it came
+    want = sum(projected_frame_bytes(m, QWEN_VOCAB, 50) for m in frames) + 13
+    assert c.projected_total() == want
+    upload = sum(projected_frame_bytes(m, QWEN_VOCAB, 50) for m in frames if isinstance(m, OpenSession | SessionOpened))
+    assert c.projected_total(phase="decoding") == want - upload
+    assert c.total() < c.projected_total()
+    assert TrafficCounter.from_dict(c.to_dict()).projected == c.projected
+    back = pickle.loads(pickle.dumps(c))
+    assert back == c and back.projection == c.projection
+    assert (c + TrafficCounter()).projected_total() == want
+    with pytest.raises(TypeError, match="needs the message"):
+        c.record("up", Close, 10)

@@ -14,6 +14,7 @@ from covspec.models.base import cut_at_eos
 from covspec.models.llava import LlavaAdapter
 from covspec.models.tiny import TINY_SPECS, TinySpec, tiny_llava
 from covspec.protocol import (
+    PROJECTED_VOCAB,
     PROTOCOL_VERSION,
     Close,
     ErrorReply,
@@ -159,6 +160,10 @@ def test_vanilla_bytes_match_the_formula():
                                                num_candidates=4, close=not r.closed_by_edge)  # fmt: skip
             counted = r.traffic.total("up", "decoding") + r.traffic.total("down", "decoding")
             assert counted == formula["total"], (method, temperature)  # the formula counts the Close frame too
+            # the reported projection (the frames re-sized) equals the chain formulas at a real vocabulary
+            projected = projected_decoding_bytes(method, r.round_log, PROJECTED_VOCAB, sampling=temperature > 0,
+                                                 num_candidates=4, close=not r.closed_by_edge)  # fmt: skip
+            assert r.metrics()["projected_bytes_decoding"] == projected["total"] > counted, (method, temperature)
             assert r.traffic.messages["up", "Close"] == (not r.closed_by_edge), (method, temperature)
             assert r.closed_by_edge or temperature > 0, method  # greedy: the edge knows every round's last token
             if method == "vanilla_sd":

@@ -358,6 +358,15 @@ def test_sampling_trees_run_through_the_device_and_are_seeded():
     transport.close()
     assert sum(r.tree_rounds for r in results) > 12 and sum(r.tree_hits for r in results) > 0
     assert results[-1].token_ids == results[0].token_ids
+    # projected to the wire vocabulary, the frames (trees, via, leaf, alternatives' verdicts) are exactly what was sent
+    transport = InProcessTransport(edge.handle, Link(colocated_profile()))
+    for seed in range(4):
+        s = DeviceSettings(method="covspec", max_new_tokens=10, temperature=1.0, seed=seed, policy="fixed", gamma=3,
+                           tree=2, projected_vocab=target.vocab_size)  # fmt: skip
+        r = Device(draft, transport, s).run(sample.image(), sample.question)
+        assert r.tree_rounds and r.traffic.projected_total(phase="decoding") == r.traffic.decoding_bytes
+        assert r.metrics()["projected_bytes_decoding"] == r.traffic.decoding_bytes
+    transport.close()
     # tree_continuation caps what is drafted after each alternative's root (2 alternatives: at most 4 nodes a round)
     transport = InProcessTransport(edge.handle, Link(colocated_profile()))
     nodes = {}

@@ -22,8 +22,6 @@ import ray
 from covspec.config import Config, LinkConfig
 from covspec.runtime.transport import LINK_SWITCH_INTERVAL_S
 
-PROJECTED_VOCAB = 151_936  # Qwen2.5-VL: decoding bytes are also projected at a real vocabulary
-
 
 @dataclass(frozen=True)
 class Job:
@@ -100,8 +98,8 @@ class DeviceWorker:
         from PIL import Image
 
         from covspec.inputs import MAX_PROMPT_CHARS, check_question, question_token_limit
-        from covspec.protocol import Link, projected_decoding_bytes
-        from covspec.runtime.engine import link_profile_of, method_config
+        from covspec.protocol import Link
+        from covspec.runtime.engine import link_profile_of
 
         question = check_question(job.question, self.draft.tokenizer, question_token_limit(self.draft),
                                   max_chars=MAX_PROMPT_CHARS, keep_lines=True)  # fmt: skip
@@ -114,12 +112,6 @@ class DeviceWorker:
         result = device.run(image, question)
         row: dict[str, Any] = {"sample_id": job.sample_id, "method": job.method, "token_ids": result.token_ids,
                                "text": result.text, **result.metrics()}  # fmt: skip
-        if result.round_log:
-            base, _ = method_config(self.cfg, job.method)
-            row["projected_bytes_decoding"] = projected_decoding_bytes(
-                base, result.round_log, PROJECTED_VOCAB, sampling=self.cfg.generation.temperature > 0,
-                num_candidates=self.cfg.verification.num_candidates, close=not result.closed_by_edge,
-            )["total"]  # fmt: skip
         row.update({"device": self.index, "peer": self.peer, "started_at": started, "finished_at": time.time()})
         return row
 

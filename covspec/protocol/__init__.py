@@ -1,6 +1,14 @@
 """Every byte on the device-edge wire: messages and their codec, byte accounting, link emulation."""
 
-from covspec.protocol.accounting import Round, TrafficCounter, expected_bytes, projected_decoding_bytes
+from covspec.protocol.accounting import (
+    PROJECTED_VOCAB,
+    Projection,
+    Round,
+    TrafficCounter,
+    expected_bytes,
+    projected_decoding_bytes,
+    projected_frame_bytes,
+)
 from covspec.protocol.link import Link, LinkProfile, sleep_until
 from covspec.protocol.messages import (
     DOWN_MESSAGES,
@@ -31,6 +39,7 @@ from covspec.protocol.validation import check_against, error_reply, validate_aga
 
 __all__ = [
     "DOWN_MESSAGES",
+    "PROJECTED_VOCAB",
     "PROTOCOL_VERSION",
     "UPLOAD_MESSAGES",
     "UP_MESSAGES",
@@ -45,6 +54,7 @@ __all__ = [
     "Message",
     "MoreCandidates",
     "OpenSession",
+    "Projection",
     "ProtocolError",
     "Round",
     "SessionOpened",
@@ -61,6 +71,7 @@ __all__ = [
     "new_session_id",
     "probs_to_bytes",
     "projected_decoding_bytes",
+    "projected_frame_bytes",
     "sleep_until",
     "validate_against",
 ]

@@ -1,10 +1,16 @@
 """Byte accounting: counters fed from real encoded frames, and exact byte formulas for each message type.
 
 Every reported byte count comes from ``TrafficCounter``, fed with ``len(encode(msg))`` of each frame that crosses
-the link. The formulas below reproduce those lengths exactly (msgpack header sizes included); they serve one
-purpose: the figure *projected* for a real vocabulary (e.g. Qwen2.5-VL's 151,936) from a run's per-round record
-on the toy vocabulary (``projected_decoding_bytes``). vanilla_sd and DSSD-style methods ship float32 distributions,
-as their papers do, so their traffic grows linearly with V while covspec's does not.
+the link. The figure *projected* for a real vocabulary (``PROJECTED_VOCAB``, Qwen2.5-VL's 151,936) comes from the
+same frames: ``projected_frame_bytes`` re-sizes each one as it would be with ids of that vocabulary and distribution
+rows of that width, and a counter given a ``Projection`` adds that up beside the real bytes, so every field a frame
+carries (token trees, alternatives' verdicts, reopens, Close) is projected as it was sent. vanilla_sd and DSSD-style
+methods ship float32 distributions, as their papers do, so their traffic grows linearly with V while covspec's does
+not.
+
+The per-type formulas below reproduce chain rounds' frame lengths exactly (msgpack header sizes included), and
+``projected_decoding_bytes`` a chain request's traffic from its per-round record: they document what each method
+sends, and the tests check the frames against them.
 
 The formulas follow the conventions stated in ``covspec.protocol.messages`` (seq numbering, committed_len, when
 ``token`` is -1, ``draft_probs`` empty when greedy). Token ids cost ``id_bytes`` each; by default the worst case
@@ -19,10 +25,24 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import msgspec
+
 DIRECTIONS = ("up", "down")
 UPLOAD_TYPES = frozenset({"OpenSession", "SessionOpened"})
 """The one-time upload and its answer, reported apart from decoding traffic (every other message)."""
 SESSION_ID_LEN = 16  # new_session_id(): token_urlsafe(12)
+PROJECTED_VOCAB = 151_936
+"""Qwen2.5-VL's vocabulary: decoding traffic is also reported as projected to it (``Projection``)."""
+
+
+class Projection(NamedTuple):
+    """Where a counter projects its frames: ids of a ``vocab_size`` vocabulary costing ``id_bytes`` each (default:
+    the worst case for that vocabulary), distribution rows of ``vocab_size`` floats where the frames' rows had
+    ``wire_vocab`` (the vocabulary the session ran with; None: no frame may carry distributions)."""
+
+    vocab_size: int = PROJECTED_VOCAB
+    wire_vocab: int | None = None
+    id_bytes: int | None = None
 
 
 class TrafficCounter:
@@ -31,20 +51,32 @@ class TrafficCounter:
     Thread-safe; picklable (Ray); ``a + b`` and ``a += b`` merge counters across requests or devices.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, projection: Projection | None = None) -> None:
         self.bytes: Counter[tuple[str, str]] = Counter()  # (direction, msg_type) -> bytes
         self.messages: Counter[tuple[str, str]] = Counter()  # (direction, msg_type) -> frames
+        self.projection = projection
+        self.projected: Counter[tuple[str, str]] = Counter()  # (direction, msg_type) -> bytes at the projection
         self._lock = threading.Lock()
 
     def record(self, direction: str, msg_type: str | type | object, nbytes: int) -> None:
-        """Counts one frame of ``nbytes`` (``len(encode(msg))``); ``msg_type`` is a name, class or message."""
+        """Counts one frame of ``nbytes`` (``len(encode(msg))``); ``msg_type`` is a name, class or message.
+
+        With a ``projection``, the message's projected size is counted too; a frame known only by a name (one that
+        did not decode) is counted as it was."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        projected = None
+        if self.projection is not None:
+            if isinstance(msg_type, type):
+                raise TypeError("a projecting counter needs the message, not its type")
+            projected = nbytes if isinstance(msg_type, str) else projected_frame_bytes(msg_type, *self.projection)
         if not isinstance(msg_type, str):
             msg_type = (msg_type if isinstance(msg_type, type) else type(msg_type)).__name__
         with self._lock:
             self.bytes[direction, msg_type] += nbytes
             self.messages[direction, msg_type] += 1
+            if projected is not None:
+                self.projected[direction, msg_type] += projected
 
     def total(self, direction: str | None = None, phase: str | None = None) -> int:
         """Bytes in ``direction`` ("up", "down", None: both) and ``phase`` ("upload", "decoding", None: both)."""
@@ -53,6 +85,16 @@ class TrafficCounter:
         return sum(
             n
             for (d, t), n in self.bytes.items()
+            if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
+        )
+
+    def projected_total(self, direction: str | None = None, phase: str | None = None) -> int:
+        """As ``total``, for the frames as projected (``projection``; 0 without one)."""
+        if phase not in (None, "upload", "decoding"):
+            raise ValueError(f"phase must be 'upload', 'decoding' or None, got {phase!r}")
+        return sum(
+            n
+            for (d, t), n in self.projected.items()
             if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
         )
 
@@ -69,24 +111,28 @@ class TrafficCounter:
         with self._lock:
             self.bytes.update(other.bytes)
             self.messages.update(other.messages)
+            self.projected.update(other.projected)
         return self
 
     def __iadd__(self, other: TrafficCounter) -> TrafficCounter:
         return self.merge(other)
 
     def __add__(self, other: TrafficCounter) -> TrafficCounter:
-        return TrafficCounter().merge(self).merge(other)
+        return TrafficCounter(self.projection).merge(self).merge(other)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TrafficCounter) and (self.bytes, self.messages) == (other.bytes, other.messages)
+        return isinstance(other, TrafficCounter) and (self.bytes, self.messages, self.projected) == (
+            other.bytes, other.messages, other.projected)  # fmt: skip
 
     def __getstate__(self) -> dict:
-        return {"bytes": self.bytes, "messages": self.messages}
+        return {"bytes": self.bytes, "messages": self.messages, "projection": self.projection,
+                "projected": self.projected}  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(state.get("projection"))
         self.bytes.update(state["bytes"])
         self.messages.update(state["messages"])
+        self.projected.update(state.get("projected", {}))
 
     def to_dict(self) -> dict[str, int]:
         """Flat metrics: ``{dir}.{type}.bytes``, ``{dir}.{type}.messages`` and the totals
@@ -98,6 +144,7 @@ class TrafficCounter:
             for d in DIRECTIONS:
                 out[f"{phase}_bytes_{d}"] = self.total(d, phase)
         out["total_bytes"] = self.total()
+        out.update({f"projected.{d}.{t}.bytes": n for (d, t), n in sorted(self.projected.items())})
         return out
 
     @classmethod
@@ -110,6 +157,8 @@ class TrafficCounter:
                 table = {"bytes": counter.bytes, "messages": counter.messages}.get(parts[2])
                 if table is not None:
                     table[parts[0], parts[1]] += n
+            elif len(parts) == 4 and parts[0] == "projected" and parts[1] in DIRECTIONS and parts[3] == "bytes":
+                counter.projected[parts[1], parts[2]] += n
         return counter
 
 
@@ -307,6 +356,70 @@ EXPECTED_BYTES = {
 def expected_bytes(msg_type: str, *args, **kwargs) -> int:
     """The exact frame size of a ``msg_type`` message; arguments as in the per-type formula above."""
     return EXPECTED_BYTES[msg_type](*args, **kwargs)
+
+
+# ---- any frame, projected to another vocabulary
+
+_ID_FIELDS: dict[str, tuple[str, ...]] = {
+    "OpenSession": ("prompt_ids", "committed"),
+    "VerifyRequest": ("draft_ids", "last_token"),
+    "VerifyResponse": ("token", "candidate_ids"),
+    "AltVerdict": ("token", "candidate_ids"),
+    "TokenChunk": ("token_ids",),
+    "SessionOpened": ("eos_ids",),
+}
+"""The fields holding token ids (-1, "none", is kept as it is); every other int is a count, index or seq."""
+_DIST_FIELDS: dict[str, str] = {"VerifyRequest": "draft_dists", "VerifyResponse": "target_dists"}
+"""The fields holding float32 rows over the vocabulary."""
+
+
+def _stand_in(vocab_size: int, id_bytes: int | None) -> int:
+    """An id whose encoded size is ``id_bytes`` (default: that of the vocabulary's largest id)."""
+    if id_bytes is None:
+        return vocab_size - 1
+    sizes = {1: 0, 2: 128, 3: 256, 5: 65536, 9: 2**32}
+    if id_bytes not in sizes:
+        raise ValueError(f"id_bytes must be one of {sorted(sizes)} (a msgpack int's sizes), got {id_bytes}")
+    return sizes[id_bytes]
+
+
+def _projected(msg, vocab_size: int, wire_vocab: int | None, stand_in: int) -> tuple[object, int]:
+    """``msg`` with its ids replaced by ``stand_in`` and each distribution field by one byte, and the bytes the
+    distributions add at ``vocab_size`` beyond that one byte."""
+    name = type(msg).__name__
+    changes: dict[str, object] = {}
+    extra = 0
+    for f in _ID_FIELDS.get(name, ()):
+        v = getattr(msg, f)
+        changes[f] = [stand_in for _ in v] if isinstance(v, list) else (v if v < 0 else stand_in)
+    if name == "SessionOpened":
+        changes["vocab_size"] = vocab_size
+    if name in _DIST_FIELDS and (data := getattr(msg, _DIST_FIELDS[name])):
+        if wire_vocab is None or len(data) % (4 * wire_vocab):
+            raise ValueError(f"{name}.{_DIST_FIELDS[name]} holds {len(data)} bytes: not float32 rows of "
+                             f"{wire_vocab} (the projection's wire_vocab)")  # fmt: skip
+        rows = len(data) // (4 * wire_vocab)
+        changes[_DIST_FIELDS[name]] = b"\0"
+        extra += bin_bytes(4 * rows * vocab_size) - bin_bytes(1)
+    if name == "VerifyResponse" and msg.alts:
+        alts = [_projected(a, vocab_size, wire_vocab, stand_in)[0] for a in msg.alts]
+        changes["alts"] = alts
+    return msgspec.structs.replace(msg, **changes), extra
+
+
+def projected_frame_bytes(msg, vocab_size: int = PROJECTED_VOCAB, wire_vocab: int | None = None,
+                          id_bytes: int | None = None) -> int:  # fmt: skip
+    """The size ``msg``'s frame would have with a ``vocab_size`` vocabulary: every token id costing ``id_bytes``
+    (default: the worst case for ``vocab_size``) and every distribution row ``vocab_size`` float32s instead of
+    ``wire_vocab``; every other field (counts, seqs, trees, flags, the image) as sent. Exact: it is the length of
+    the re-sized message's encoding (the distributions' bytes are added, not allocated)."""
+    from covspec.protocol.messages import encode
+
+    stand_in = _stand_in(vocab_size, id_bytes)
+    if stand_in >= vocab_size:
+        raise ValueError(f"a vocabulary of {vocab_size} has no id of {id_bytes} bytes")
+    resized, extra = _projected(msg, vocab_size, wire_vocab, stand_in)
+    return len(encode(resized)) + extra
 
 
 # ---- a request's decoding traffic from its per-round record

@@ -36,12 +36,14 @@ from covspec.decoding.tree import branches_from_parents
 from covspec.decoding.verify import correct_from_candidates, correct_from_residual
 from covspec.models.base import DecodeState, PromptInputs, VLMAdapter
 from covspec.protocol import (
+    PROJECTED_VOCAB,
     AltVerdict,
     Close,
     ErrorCode,
     ErrorReply,
     MoreCandidates,
     OpenSession,
+    Projection,
     ProtocolError,
     Round,
     SessionOpened,
@@ -118,6 +120,7 @@ class DeviceSettings:
     tree: int = 0  # alternative branches sent with each block and verified in the same round; 0: chains
     tree_continuation: int = 0  # most tokens drafted after a tree alternative's root; 0: as deep as the block
     prune_target: bool = False  # lossy: the edge prefills the target with the draft's kept visual tokens too
+    projected_vocab: int = PROJECTED_VOCAB  # the vocabulary decoding traffic is also projected to (its frames)
 
     @property
     def pipelined(self) -> bool:
@@ -180,6 +183,8 @@ class RequestResult:
             "bytes_up": t.total("up", "decoding"),
             "bytes_down": t.total("down", "decoding"),
             "bytes_upload": t.total(None, "upload"),
+            # the same frames re-sized for a real vocabulary (PROJECTED_VOCAB): ids, distribution rows
+            "projected_bytes_decoding": t.projected_total(phase="decoding") if t.projection is not None else None,
             "bytes_by_type": {k: v for k, v in t.to_dict().items() if k.endswith(".bytes")},
             "device_busy_s": self.device_busy_s,
             "device_idle_s": self.device_idle_s,
@@ -336,7 +341,8 @@ class Device:
         """Answer ``question`` about ``image``. ``keep``: visual tokens kept for the draft prefill."""
         self._busy = self._idle = 0.0
         if self.transport is not None:
-            self.transport.traffic = TrafficCounter()
+            wire = self.draft.vocab_size if self.draft is not None else None
+            self.transport.traffic = TrafficCounter(Projection(self.settings.projected_vocab, wire))
         method = self.settings.method
         if method == "draft_only":
             return self._draft_only(image, question, keep)
