@@ -80,23 +80,11 @@ class TrafficCounter:
 
     def total(self, direction: str | None = None, phase: str | None = None) -> int:
         """Bytes in ``direction`` ("up", "down", None: both) and ``phase`` ("upload", "decoding", None: both)."""
-        if phase not in (None, "upload", "decoding"):
-            raise ValueError(f"phase must be 'upload', 'decoding' or None, got {phase!r}")
-        return sum(
-            n
-            for (d, t), n in self.bytes.items()
-            if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
-        )
+        return _select(self.bytes, direction, phase)
 
     def projected_total(self, direction: str | None = None, phase: str | None = None) -> int:
         """As ``total``, for the frames as projected (``projection``; 0 without one)."""
-        if phase not in (None, "upload", "decoding"):
-            raise ValueError(f"phase must be 'upload', 'decoding' or None, got {phase!r}")
-        return sum(
-            n
-            for (d, t), n in self.projected.items()
-            if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
-        )
+        return _select(self.projected, direction, phase)
 
     @property
     def upload_bytes(self) -> int:
@@ -160,6 +148,16 @@ class TrafficCounter:
             elif len(parts) == 4 and parts[0] == "projected" and parts[1] in DIRECTIONS and parts[3] == "bytes":
                 counter.projected[parts[1], parts[2]] += n
         return counter
+
+
+def _select(table: Counter[tuple[str, str]], direction: str | None, phase: str | None) -> int:
+    if phase not in (None, "upload", "decoding"):
+        raise ValueError(f"phase must be 'upload', 'decoding' or None, got {phase!r}")
+    return sum(
+        n
+        for (d, t), n in table.items()
+        if direction in (None, d) and phase in (None, "upload" if t in UPLOAD_TYPES else "decoding")
+    )
 
 
 # ---- msgpack sizes (msgspec always picks the shortest form)
