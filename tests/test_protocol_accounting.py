@@ -286,7 +286,9 @@ def test_a_projecting_counter_adds_up_the_projected_frames():
             "down" if isinstance(msg, VerifyResponse | TokenChunk | SessionOpened) else "up", msg, len(encode(msg))
         )
     c.record("down", "undecodable", 13)  # a frame that did not decode counts as it came
-    want = sum(projected_frame_bytes(m, QWEN_VOCAB, 50) for m in frames) + 13
+    bad = VerifyResponse(SID, 2, 0, -1, target_dists=f32s(7))  # not rows of 50: the device refuses it, counted as sent
+    c.record("down", bad, len(encode(bad)))
+    want = sum(projected_frame_bytes(m, QWEN_VOCAB, 50) for m in frames) + 13 + len(encode(bad))
     assert c.projected_total() == want
     upload = sum(projected_frame_bytes(m, QWEN_VOCAB, 50) for m in frames if isinstance(m, OpenSession | SessionOpened))
     assert c.projected_total(phase="decoding") == want - upload

@@ -62,14 +62,20 @@ class TrafficCounter:
         """Counts one frame of ``nbytes`` (``len(encode(msg))``); ``msg_type`` is a name, class or message.
 
         With a ``projection``, the message's projected size is counted too; a frame known only by a name (one that
-        did not decode) is counted as it was."""
+        did not decode), or one whose distributions are not rows of the wire vocabulary (the receiver refuses it), is
+        counted as it was."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
         projected = None
         if self.projection is not None:
             if isinstance(msg_type, type):
                 raise TypeError("a projecting counter needs the message, not its type")
-            projected = nbytes if isinstance(msg_type, str) else projected_frame_bytes(msg_type, *self.projection)
+            projected = nbytes
+            if not isinstance(msg_type, str):
+                try:
+                    projected = projected_frame_bytes(msg_type, *self.projection)
+                except ValueError:  # counted on the transport's thread: a bad frame must not end it
+                    pass
         if not isinstance(msg_type, str):
             msg_type = (msg_type if isinstance(msg_type, type) else type(msg_type)).__name__
         with self._lock:
