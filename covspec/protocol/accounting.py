@@ -20,6 +20,7 @@ saving, whose traffic is mostly ids.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -72,10 +73,8 @@ class TrafficCounter:
                 raise TypeError("a projecting counter needs the message, not its type")
             projected = nbytes
             if not isinstance(msg_type, str):
-                try:
+                with contextlib.suppress(ValueError):  # counted on the transport's thread: a bad frame must not end it
                     projected = projected_frame_bytes(msg_type, *self.projection)
-                except ValueError:  # counted on the transport's thread: a bad frame must not end it
-                    pass
         if not isinstance(msg_type, str):
             msg_type = (msg_type if isinstance(msg_type, type) else type(msg_type)).__name__
         with self._lock:
