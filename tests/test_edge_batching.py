@@ -126,6 +126,16 @@ def test_a_batched_forward_copies_each_sessions_cache_once(target, monkeypatch):
     for i, (layer, n) in enumerate(zip(layers, past, strict=True)):
         assert torch.equal(keys[i, :, width - n : width], layer.keys[0])
 
+    # a model whose cache layers are of another kind (a sliding window, ...) keeps the concatenating path
+    import covspec.models.kvcache as kvcache
+
+    states = [target.prefill(p)[0] for p in prompts]
+    monkeypatch.setattr(kvcache, "DynamicLayer", type("OtherLayer", (), {}))
+    monkeypatch.setattr(kvcache, "_filled_layer", lambda *a: pytest.fail("an unknown layer kind was preallocated"))
+    for p, block, logits in zip(prompts, blocks, target.forward_batch(states, blocks), strict=True):
+        ref, _ = target.prefill(p)
+        torch.testing.assert_close(logits, target.forward(ref, block), atol=1e-4, rtol=0)
+
 
 def test_target_only_steps_decode_all_streams_in_one_forward(target):
     samples = load_split("test", 3, offset=5)

@@ -125,8 +125,17 @@ def pad_batch(
         mask[i, 0, :n, width : width + n].masked_fill_(ancestors(tree, device), 0)
         mask[i, 0, n:, width:].fill_(0)  # pad queries (discarded) see everything: no row is fully masked
     cache = DynamicCache(config=config)
-    cache.layers = [_filled_layer([s.cache.layers[i] for s in states], past, width, width + k_max)
-                    for i in range(len(states[0].cache.layers))]  # fmt: skip
+    n_layers = len(states[0].cache.layers)
+    if len(cache.layers) == n_layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_filled_layer([s.cache.layers[i] for s in states], past, width, width + k_max)
+                        for i in range(n_layers)]  # fmt: skip
+    else:  # other layer kinds (a sliding window, ...) keep their own update: pad, concatenate, let them append
+        for i in range(n_layers):
+            layers = [s.cache.layers[i] for s in states]
+            pad = torch.nn.functional.pad
+            cache.update(torch.cat([pad(x.keys, (0, 0, width - n, 0)) for x, n in zip(layers, past, strict=True)]),
+                         torch.cat([pad(x.values, (0, 0, width - n, 0)) for x, n in zip(layers, past, strict=True)]),
+                         i)  # fmt: skip
     return PaddedBatch(ids, mask, positions, cache, past, lengths, width)
 
 
