@@ -550,6 +550,9 @@ class TuneConfig(_Section):
     in the same trial: robust to machine load) or ``tokens_per_s``."""
     trial_cpus: float = 1.0
     """CPUs Ray reserves per trial (fractional, in (0, 64]); a trial runs floor(trial_cpus) torch threads (>= 1)."""
+    trial_gpus: float = 0.0
+    """GPUs Ray reserves per trial (fractional allowed, >= 0): required when a model is on ``cuda``, since Ray hides
+    the GPUs from a trial that reserves none."""
     val_limit: int = 20
     """Validation samples per trial (1..100000), taken from the val split from ``data.offset``."""
     report_every: int = 5
@@ -574,6 +577,7 @@ class TuneConfig(_Section):
         _check_number(_join(prefix, "time_budget_s"), self.time_budget_s, 0, low_open=True)
         _check_choice(_join(prefix, "metric"), self.metric, TUNE_METRICS)
         _check_number(_join(prefix, "trial_cpus"), self.trial_cpus, 0, 64, low_open=True)
+        _check_number(_join(prefix, "trial_gpus"), self.trial_gpus, 0)
         _check_int(_join(prefix, "val_limit"), self.val_limit, 1, 100000)
         _check_int(_join(prefix, "report_every"), self.report_every, 1)
         _check_int(_join(prefix, "grace_period"), self.grace_period, 1)

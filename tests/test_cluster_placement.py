@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from covspec.cluster.experiment import _pinning
-from covspec.cluster.placement import available_cores, check_cores, pin_process
+from covspec.cluster.placement import available_cores, check_cores, check_gpus, pin_process
 from covspec.config import load_config
 from covspec.errors import ConfigError
 
@@ -79,3 +79,51 @@ def test_the_run_table_names_edge_error_replies():
     assert "Edge error replies" not in format_table(cfg, quiet, "r1")
     text = format_table(cfg, [quiet[0], {"method": "covspec", "edge_errors": 3}], "r1")
     assert "Edge error replies: covspec 3" in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "command", "message"),
+    [
+        (
+            ["models.target.device=cuda"],
+            "run",
+            "models.target.device is 'cuda' but cluster.edge_gpus is 0: Ray hides the GPUs from an edge replica "
+            "that reserves none; set cluster.edge_gpus (e.g. 1, or a fraction to share one)",
+        ),
+        (
+            ["models.draft.device=cuda", "cluster.edge_gpus=1"],
+            "run",
+            "models.draft.device is 'cuda' but cluster.device_gpus is 0",
+        ),
+        (
+            ["models.target.device=cuda:1", "cluster.edge_gpus=0.5"],
+            "run",
+            "models.target.device is 'cuda:1' but an edge replica reserving cluster.edge_gpus=0.5 "
+            "sees its GPU as cuda:0",
+        ),
+        (
+            ["models.target.device=cuda", "cluster.edge_gpus=1"],
+            "tune",
+            "models.target.device is 'cuda' but tune.trial_gpus is 0: Ray hides the GPUs from a trial",
+        ),
+    ],
+)
+def test_a_model_on_a_gpu_its_ray_actor_cannot_see_is_a_config_error(overrides, command, message):
+    with pytest.raises(ConfigError) as info:
+        check_gpus(load_config(None, overrides), command)
+    assert str(info.value).startswith(message)
+
+
+def test_gpu_reservations_that_fit_pass():
+    from pathlib import Path
+
+    check_gpus(load_config(None, []), "run")  # everything on the CPU: nothing to reserve
+    check_gpus(load_config(None, []), "tune")
+    check_gpus(load_config(None, ["models.target.device=cuda:1", "cluster.edge_gpus=2"]), "run")
+    check_gpus(load_config(None, ["models.target.device=mps", "models.draft.device=mps"]), "tune")  # not Ray's GPUs
+    for path in sorted((Path(__file__).parents[1] / "configs" / "models").glob("*.yaml")):  # the shipped GPU pairs
+        cfg = load_config(path)
+        check_gpus(cfg, "run")
+        check_gpus(cfg, "tune")
+    with pytest.raises(ValueError, match="command"):
+        check_gpus(load_config(None, []), "bench")

@@ -224,6 +224,22 @@ def test_a_crashing_trial_is_recorded_failed_and_the_search_finishes(ray_local, 
     assert (result.dir / "trials.csv").read_text().count("failed") == len(failed)
 
 
+@pytest.mark.ray
+def test_a_trial_larger_than_the_cluster_is_refused_naming_the_key(ray_local):
+    """The session's Ray has 2 CPUs and no GPU: a trial asking for more of either is refused before the search, and
+    the Ray it did not start keeps running."""
+    from tune.search import _ensure_ray
+
+    refused = [("tune.trial_gpus=1", "tune.trial_gpus must be <= the cluster's 0 GPUs, got 1"),
+               ("tune.trial_cpus=3", "tune.trial_cpus must be <= the cluster's 2 CPUs, got 3")]  # fmt: skip
+    for override, message in refused:
+        with pytest.raises(ConfigError) as info:
+            _ensure_ray(load_config(None, [override]))
+        assert str(info.value) == message
+    assert ray_local.is_initialized()
+    assert _ensure_ray(load_config(None, ["tune.trial_cpus=0.5"])) is False  # fits: nothing started
+
+
 # --- the dashboard --------------------------------------------------------------------------------------------
 
 

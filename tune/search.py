@@ -220,11 +220,13 @@ def _ensure_ray(cfg: Config) -> bool:
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         ray.init(address=cfg.cluster.address, **kwargs)
         started = True
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < cfg.tune.trial_cpus:
-        if started:
-            ray.shutdown()
-        raise ConfigError(f"tune.trial_cpus must be <= the cluster's {cpus:g} CPUs, got {cfg.tune.trial_cpus}")
+    resources = ray.cluster_resources()
+    for key, name, want in (("CPU", "trial_cpus", cfg.tune.trial_cpus), ("GPU", "trial_gpus", cfg.tune.trial_gpus)):
+        have = resources.get(key, 0)
+        if have < want:
+            if started:
+                ray.shutdown()
+            raise ConfigError(f"tune.{name} must be <= the cluster's {have:g} {key}s, got {want:g}")
     return started
 
 
@@ -242,7 +244,8 @@ def _tuner(
 
     base_yaml = config_to_yaml(cfg)
     trainable = raytune.with_resources(
-        raytune.with_parameters(run_trial, base_yaml=base_yaml, space=space), {"cpu": cfg.tune.trial_cpus}
+        raytune.with_parameters(run_trial, base_yaml=base_yaml, space=space),
+        {"cpu": cfg.tune.trial_cpus, "gpu": cfg.tune.trial_gpus},
     )
     if restore:
         return raytune.Tuner.restore(str(out), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -318,8 +321,10 @@ def run_search(
         InputError: nothing to resume.
     """
     from covspec import tracking
+    from covspec.cluster.placement import check_gpus
 
     cfg, out = _resolve(cfg, resume, stored_config)
+    check_gpus(cfg, "tune")
     dims = parse_space(cfg)
     space = space_of(cfg)
     tracked = copy.deepcopy(cfg)

@@ -31,21 +31,31 @@ def _run_experiment(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     err = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
+    progress = Progress(*columns, console=err)
 
-        def factory(method: str, total: int):
-            task = progress.add_task(method, total=total)
-            return lambda: progress.advance(task)
+    def factory(method: str, total: int):
+        if not progress.live.is_started:  # started with the first bar: an error before it prints its one line only
+            progress.start()
+        task = progress.add_task(method, total=total)
+        return lambda: progress.advance(task)
 
-        try:
-            result = run_experiment(cfg, resume=args.resume, log=lambda m: err.print(m), progress_factory=factory,
-                                    on_table=lambda table: print(table, flush=True))  # fmt: skip
-        except RunError as exc:
-            print(f"covspec: run failed: {exc} (partial results are kept; --resume continues)", file=sys.stderr)
-            return 1
+    try:
+        result = run_experiment(cfg, resume=args.resume, log=lambda m: err.print(m), progress_factory=factory,
+                                on_table=lambda table: print(table, flush=True))  # fmt: skip
+    except RunError as exc:
+        _stop(progress)
+        print(f"covspec: run failed: {exc} (partial results are kept; --resume continues)", file=sys.stderr)
+        return 1
+    finally:
+        _stop(progress)
     print(f"run {result['run_id']}: results, table and plots in {result['dir']}"
           + (f"; MLflow run {result['run_id']} at {_uri(cfg)}" if cfg.tracking.enabled else ""))  # fmt: skip
     return 0
+
+
+def _stop(progress) -> None:
+    if progress.live.is_started:  # Rich prints a blank line when a progress that never started is stopped
+        progress.stop()
 
 
 def _uri(cfg) -> str:

@@ -93,12 +93,12 @@ class Cluster:
 
         from covspec.cluster.devices import DeviceActor, device_options
         from covspec.cluster.edge_app import APP_NAME, DEPLOYMENT_NAME, StatsBoard, edge_app
+        from covspec.cluster.placement import check_cores, check_gpus
 
         self.cfg = cfg
         c = cfg.cluster
+        check_gpus(cfg, "run")
         if not c.address:  # a local Ray: the actors see this machine's cores, so a bad core is a config error now
-            from covspec.cluster.placement import check_cores
-
             check_cores(c.edge_cores, "cluster.edge_cores")
             check_cores(c.device_cores, "cluster.device_cores")
         self._started_ray = False
@@ -489,9 +489,11 @@ def run_experiment(
     """
     from covspec import tracking
     from covspec.cluster.devices import Job
+    from covspec.cluster.placement import check_gpus
     from covspec.data import load_benchmark
     from covspec.data.metrics import exact_match, token_f1
 
+    check_gpus(cfg, "run")  # before a run or a results directory exists
     samples = load_benchmark(cfg.data, seed=cfg.seed)
     run_id = resume
     done: set[tuple[str, str]] = set()

@@ -1,4 +1,5 @@
-"""Pinning an actor's process to CPU cores: ``cluster.edge_cores`` and ``cluster.device_cores``.
+"""Placing actors: pinning an actor's process to CPU cores (``cluster.edge_cores`` and ``cluster.device_cores``), and
+checking that actors and trials whose models are on a GPU reserve one (``check_gpus``).
 
 Ray's fractional CPUs are bookkeeping: they isolate nothing. To emulate devices that bring their own compute on one
 machine, the edge replicas and the device actors can be pinned to disjoint cores (``os.sched_setaffinity``, Linux).
@@ -7,9 +8,11 @@ Every thread of the process is pinned, and threads it starts later inherit the m
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
+from covspec.config import Config
 from covspec.errors import ConfigError
 
 
@@ -44,3 +47,33 @@ def pin_process(cores: Sequence[int], key: str) -> list[int]:
             except OSError as exc:  # e.g. outside the cores this process's cgroup allows
                 raise ConfigError(f"{key}: cannot pin to cores {list(cores)}: {exc.strerror}") from None
     return available_cores()
+
+
+def check_gpus(cfg: Config, command: str) -> None:
+    """Raises ConfigError, naming both keys, if a model on ``cuda`` would run in a Ray actor or trial that reserves
+    no GPU (``command``: ``run``, whose edge replicas and device actors reserve ``cluster.edge_gpus`` /
+    ``cluster.device_gpus``, or ``tune``, whose trials reserve ``tune.trial_gpus``), or on a ``cuda:N`` it cannot see.
+
+    Ray hides the GPUs from an actor or trial that reserves none (it empties ``CUDA_VISIBLE_DEVICES``) and shows the
+    ones it reserves as ``cuda:0``, ``cuda:1``, ...: without this check the model would fail to load inside the
+    actor, after Ray and Serve had started."""
+    if command not in ("run", "tune"):
+        raise ValueError(f"command must be 'run' or 'tune', got {command!r}")
+    if command == "run":
+        c = cfg.cluster
+        places = [("target", "cluster.edge_gpus", c.edge_gpus), ("draft", "cluster.device_gpus", c.device_gpus)]
+    else:
+        places = [(role, "tune.trial_gpus", cfg.tune.trial_gpus) for role in ("target", "draft")]
+    for role, key, gpus in places:
+        device = getattr(cfg.models, role).device
+        if not device.startswith("cuda"):
+            continue
+        who = {"cluster.edge_gpus": "an edge replica", "cluster.device_gpus": "a device actor"}.get(key, "a trial")
+        if gpus <= 0:
+            raise ConfigError(f"models.{role}.device is {device!r} but {key} is 0: Ray hides the GPUs from "
+                              f"{who} that reserves none; set {key} (e.g. 1, or a fraction to share one)")  # fmt: skip
+        index, seen = int(device.partition(":")[2] or 0), max(1, math.ceil(gpus))
+        if index >= seen:
+            sees = "its GPU as cuda:0" if seen == 1 else f"its {seen} GPUs as cuda:0 to cuda:{seen - 1}"
+            raise ConfigError(f"models.{role}.device is {device!r} but {who} reserving {key}={gpus:g} sees {sees}; "
+                              "use cuda")  # fmt: skip
