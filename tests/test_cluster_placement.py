@@ -81,6 +81,17 @@ def test_the_run_table_names_edge_error_replies():
     assert "Edge error replies: covspec 3" in " ".join(text.split())
 
 
+def test_the_run_table_states_this_runs_lossless_bound():
+    from covspec.cluster.experiment import format_table
+
+    cfg = load_config(None, ["methods=[target_only,covspec]"])
+    rows = [{"method": "target_only", "edge_capacity_ceiling_vs_target_only": 2.3234,
+             "edge_capacity_ceiling_cpu_vs_target_only": 2.2873}, {"method": "covspec"}]  # fmt: skip
+    text = " ".join(format_table(cfg, rows, "r1").split())
+    assert "since each prefills the prompt once (in this run 2.32x busy, 2.29x CPU)." in text
+    assert "(in this run" not in " ".join(format_table(cfg, [{"method": "covspec"}], "r1").split())
+
+
 @pytest.mark.parametrize(
     ("overrides", "command", "message"),
     [

@@ -357,6 +357,16 @@ def pass_table(summary: list[dict[str, Any]]):
     return table
 
 
+def _bound(summary: list[dict[str, Any]]) -> str:
+    """target_only's own capacity ceilings in this run (busy / CPU clock), if it ran."""
+    row = next((r for r in summary if r["method"] == "target_only"), None)
+    busy, cpu = (None, None) if row is None else (row.get("edge_capacity_ceiling_vs_target_only"),
+                                                   row.get("edge_capacity_ceiling_cpu_vs_target_only"))  # fmt: skip
+    if busy is None or cpu is None:
+        return ""
+    return f" (in this run {busy:.2f}x busy, {cpu:.2f}x CPU)"
+
+
 def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width: int = 240,
                  nice: tuple[int, int] | None = None) -> str:  # fmt: skip
     """The comparison table as text (rich), with the notes that explain its columns."""
@@ -387,7 +397,7 @@ def format_table(cfg: Config, summary: list[dict[str, Any]], run_id: str, width:
         "(docs/cluster.md). prefill: share of edge busy time spent prefilling; cap ceiling: edge capacity vs "
         "target_only if verification cost nothing and only the prefill remained (tokens / prefill time); ceil/CPU: "
         "the same on the CPU clock (prefill CPU time against target_only's cap/CPU); target_only's own ceiling bounds "
-        "every lossless method's, since each prefills the prompt once.\n"
+        f"every lossless method's, since each prefills the prompt once{_bound(summary)}.\n"
         "tok/s/dev: tokens / request "
         "latency, as one device sees it. B/tok: decoding traffic per generated token (both directions, counted from "
         "serialized frames); upload B/req: the one-time image + prompt.\n* projected: the same frames re-sized for a "
