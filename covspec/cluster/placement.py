@@ -61,14 +61,14 @@ def check_gpus(cfg: Config, command: str) -> None:
         raise ValueError(f"command must be 'run' or 'tune', got {command!r}")
     if command == "run":
         c = cfg.cluster
-        places = [("target", "cluster.edge_gpus", c.edge_gpus), ("draft", "cluster.device_gpus", c.device_gpus)]
+        places = [("target", "an edge replica", "cluster.edge_gpus", c.edge_gpus),
+                  ("draft", "a device actor", "cluster.device_gpus", c.device_gpus)]  # fmt: skip
     else:
-        places = [(role, "tune.trial_gpus", cfg.tune.trial_gpus) for role in ("target", "draft")]
-    for role, key, gpus in places:
+        places = [(role, "a trial", "tune.trial_gpus", cfg.tune.trial_gpus) for role in ("target", "draft")]
+    for role, who, key, gpus in places:
         device = getattr(cfg.models, role).device
         if not device.startswith("cuda"):
             continue
-        who = {"cluster.edge_gpus": "an edge replica", "cluster.device_gpus": "a device actor"}.get(key, "a trial")
         if gpus <= 0:
             raise ConfigError(f"models.{role}.device is {device!r} but {key} is 0: Ray hides the GPUs from "
                               f"{who} that reserves none; set {key} (e.g. 1, or a fraction to share one)")  # fmt: skip

@@ -26,8 +26,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
-import msgspec
-
 DIRECTIONS = ("up", "down")
 UPLOAD_TYPES = frozenset({"OpenSession", "SessionOpened"})
 """The one-time upload and its answer, reported apart from decoding traffic (every other message)."""
@@ -74,7 +72,7 @@ class TrafficCounter:
             projected = nbytes
             if not isinstance(msg_type, str):
                 with contextlib.suppress(ValueError):  # counted on the transport's thread: a bad frame must not end it
-                    projected = projected_frame_bytes(msg_type, *self.projection)
+                    projected = projected_frame_bytes(msg_type, *self.projection, nbytes=nbytes)
         if not isinstance(msg_type, str):
             msg_type = (msg_type if isinstance(msg_type, type) else type(msg_type)).__name__
         with self._lock:
@@ -376,53 +374,43 @@ _DIST_FIELDS: dict[str, str] = {"VerifyRequest": "draft_dists", "VerifyResponse"
 """The fields holding float32 rows over the vocabulary."""
 
 
-def _stand_in(vocab_size: int, id_bytes: int | None) -> int:
-    """An id whose encoded size is ``id_bytes`` (default: that of the vocabulary's largest id)."""
-    if id_bytes is None:
-        return vocab_size - 1
-    sizes = {1: 0, 2: 128, 3: 256, 5: 65536, 9: 2**32}
-    if id_bytes not in sizes:
-        raise ValueError(f"id_bytes must be one of {sorted(sizes)} (a msgpack int's sizes), got {id_bytes}")
-    return sizes[id_bytes]
-
-
-def _projected(msg, vocab_size: int, wire_vocab: int | None, stand_in: int) -> tuple[object, int]:
-    """``msg`` with its ids replaced by ``stand_in`` and each distribution field by one byte, and the bytes the
-    distributions add at ``vocab_size`` beyond that one byte."""
+def _growth(msg, vocab_size: int, wire_vocab: int | None, id_size: int) -> int:
+    """Bytes ``msg``'s frame gains when every id (not -1) costs ``id_size`` and every distribution row holds
+    ``vocab_size`` floats. msgpack sizes each int and each bin on its own and no list changes length, so the
+    frame's other bytes stay as they are."""
     name = type(msg).__name__
-    changes: dict[str, object] = {}
-    extra = 0
+    grow = 0
     for f in _ID_FIELDS.get(name, ()):
         v = getattr(msg, f)
-        changes[f] = [stand_in for _ in v] if isinstance(v, list) else (v if v < 0 else stand_in)
+        grow += sum(id_size - int_bytes(x) for x in (v if isinstance(v, list) else [v]) if x >= 0)
     if name == "SessionOpened":
-        changes["vocab_size"] = vocab_size
+        grow += int_bytes(vocab_size) - int_bytes(msg.vocab_size)
     if name in _DIST_FIELDS and (data := getattr(msg, _DIST_FIELDS[name])):
         if wire_vocab is None or len(data) % (4 * wire_vocab):
             raise ValueError(f"{name}.{_DIST_FIELDS[name]} holds {len(data)} bytes: not float32 rows of "
                              f"{wire_vocab} (the projection's wire_vocab)")  # fmt: skip
-        rows = len(data) // (4 * wire_vocab)
-        changes[_DIST_FIELDS[name]] = b"\0"
-        extra += bin_bytes(4 * rows * vocab_size) - bin_bytes(1)
-    if name == "VerifyResponse" and msg.alts:
-        alts = [_projected(a, vocab_size, wire_vocab, stand_in)[0] for a in msg.alts]
-        changes["alts"] = alts
-    return msgspec.structs.replace(msg, **changes), extra
+        grow += bin_bytes(4 * (len(data) // (4 * wire_vocab)) * vocab_size) - bin_bytes(len(data))
+    if name == "VerifyResponse":
+        grow += sum(_growth(a, vocab_size, wire_vocab, id_size) for a in msg.alts)
+    return grow
 
 
 def projected_frame_bytes(msg, vocab_size: int = PROJECTED_VOCAB, wire_vocab: int | None = None,
-                          id_bytes: int | None = None) -> int:  # fmt: skip
+                          id_bytes: int | None = None, nbytes: int | None = None) -> int:  # fmt: skip
     """The size ``msg``'s frame would have with a ``vocab_size`` vocabulary: every token id costing ``id_bytes``
     (default: the worst case for ``vocab_size``) and every distribution row ``vocab_size`` float32s instead of
-    ``wire_vocab``; every other field (counts, seqs, trees, flags, the image) as sent. Exact: it is the length of
-    the re-sized message's encoding (the distributions' bytes are added, not allocated)."""
+    ``wire_vocab``; every other field (counts, seqs, trees, flags, the image) as sent. ``nbytes``: the frame's
+    length when the caller has it (``len(encode(msg))``, computed otherwise)."""
     from covspec.protocol.messages import encode
 
-    stand_in = _stand_in(vocab_size, id_bytes)
-    if stand_in >= vocab_size:
+    largest = int_bytes(vocab_size - 1)
+    if id_bytes is None:
+        id_bytes = largest
+    elif id_bytes not in (1, 2, 3, 5, 9):
+        raise ValueError(f"id_bytes must be one of [1, 2, 3, 5, 9] (a msgpack int's sizes), got {id_bytes}")
+    elif id_bytes > largest:
         raise ValueError(f"a vocabulary of {vocab_size} has no id of {id_bytes} bytes")
-    resized, extra = _projected(msg, vocab_size, wire_vocab, stand_in)
-    return len(encode(resized)) + extra
+    return (len(encode(msg)) if nbytes is None else nbytes) + _growth(msg, vocab_size, wire_vocab, id_bytes)
 
 
 # ---- a request's decoding traffic from its per-round record
