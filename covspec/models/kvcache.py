@@ -145,7 +145,7 @@ class _InPlaceLayer(DynamicLayer):
     ``DynamicLayer.update`` concatenates: the whole batched cache would be copied again inside the forward, after
     it was copied once to pad it. Here the padded caches are written into one buffer of ``width + k_max`` columns
     and the forward's new keys/values go into its last columns in place, so a batched step copies each session's
-    cache exactly once (profiled: the copies were ~70% of a batch-8 decode step of the toy target on this CPU).
+    cache exactly once (profiled: the copies were over half of a batch-8 decode step of the toy target on this CPU).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
