@@ -116,7 +116,7 @@ def _bench(commands: Subparsers) -> None:
     parser.add_argument("--no-hf-assisted", action="store_true", help="skip the Hugging Face assisted-generation peer")
     parser.add_argument("--edge", choices=("thread", "process"), default="thread",
                         help="verify on a thread of this process (default) or in a spawned edge process, so that "
-                             "drafting during a wait runs in parallel (loads the target a second time)")  # fmt: skip
+                             "drafting during a wait runs in parallel (the HF peer then runs after them)")  # fmt: skip
     add_config_arguments(parser)
     parser.set_defaults(handler=_run_bench)
 
@@ -134,10 +134,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     out_path = Path(out) if out else None
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
-        report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=lambda: progress.advance(task),
-                           edge=args.edge)  # fmt: skip
+    progress = Progress(console=Console(stderr=True), transient=True)
+    task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
+
+    def advance(n: int = 1) -> None:
+        if not progress.live.is_started:  # once the models are loaded: an error before prints its one line only
+            progress.start()
+        progress.advance(task, n)
+
+    try:
+        report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=advance, edge=args.edge)
+    finally:
+        if progress.live.is_started:  # Rich prints a blank line when a progress that never started is stopped
+            progress.stop()
     print_report(report)
     if out_path is not None:
         print(f"per-request results: {out_path}")

@@ -26,9 +26,10 @@ from covspec.data import load_benchmark
 from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.analysis import alpha_from_acceptance_length, speedup_bound
 from covspec.models.base import cut_at_eos
+from covspec.models.loading import load_adapter
 from covspec.protocol.accounting import PROJECTED_VOCAB
 from covspec.runtime.device import RequestResult
-from covspec.runtime.engine import LocalEngine, method_config
+from covspec.runtime.engine import LocalEngine, check_pair, method_config
 from covspec.runtime.transport import responsive_links
 
 HF_PEER = "hf_assisted"
@@ -149,44 +150,55 @@ def run_bench(cfg: Config, out_path: Path | None, hf_peer: bool = True, progress
     """Run every method of ``cfg.methods`` on the configured samples; returns the report.
 
     ``edge``: ``thread`` verifies on a thread of this process; ``process`` in a spawned edge process
-    (``LocalEngine.start_edge_process``), so that a device drafting during a wait runs in parallel with it.
+    (``LocalEngine.with_edge_process``), so that a device drafting during a wait runs in parallel with it. Then this
+    process loads the target only once that process has ended (one copy of it in memory at a time): the Hugging
+    Face peer runs in a pass of its own after the methods, and the step costs are timed last, as always.
     """
     samples = load_benchmark(cfg.data, seed=cfg.seed)  # first: a bad data file fails before any model loads
-    engine = LocalEngine.from_config(cfg)
-    if edge == "process":
-        engine.start_edge_process()
-    elif edge != "thread":
+    if edge == "process":  # the target lives in the edge process alone while the methods run
+        engine = LocalEngine.with_edge_process(cfg)
+    elif edge == "thread":
+        engine = LocalEngine.from_config(cfg)
+    else:
         raise ValueError(f"edge must be thread or process, got {edge!r}")
+    if progress:
+        progress(0)  # the models are loaded: the progress shows from here
     methods = list(cfg.methods)
     greedy = cfg.generation.temperature == 0
     run_hf = hf_peer and greedy
     stats: dict[str, MethodStats] = {m: MethodStats() for m in methods + ([HF_PEER] if run_hf else [])}
     sink = out_path.open("w", encoding="utf-8") if out_path else None
     reference: dict[str, list[int]] = {}
+
+    def write(row: dict[str, Any]) -> None:
+        stats[row["method"]].add(row)
+        if sink:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
     try:
         for i, sample in enumerate(samples):
             image = sample.image()
             for method in methods:
                 r = engine.run(method, image, sample.question, link_seed=cfg.seed * 100_003 + i)
-                row = result_row(sample, method, r)
                 if method == "target_only":
                     reference[sample.sample_id] = r.token_ids
-                stats[method].add(row)
-                if sink:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-            if run_hf:
-                row = hf_assisted(engine, sample, cfg.generation.max_new_tokens)
-                stats[HF_PEER].add(row)
-                if sink:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+                write(result_row(sample, method, r))
+            if run_hf and engine.target is not None:  # interleaved with the methods
+                write(hf_assisted(engine, sample, cfg.generation.max_new_tokens))
             if progress:
                 progress()
+        engine.close()  # the edge process, if any
+        if engine.target is None:  # now, with the edge process gone, this process loads the target: one copy at a time
+            t = cfg.models.target
+            engine.target = load_adapter(t.path, t.dtype, t.device, key="models.target.path")
+            check_pair(engine.target, engine.draft)
+            for sample in samples if run_hf else []:  # a pass of its own, after the methods
+                write(hf_assisted(engine, sample, cfg.generation.max_new_tokens))
     finally:
         if sink:
             sink.close()
-        engine.close()  # the edge process, if any
+        engine.close()
     for _name, s in stats.items():
         for row in s.rows:
             ref = reference.get(row["sample_id"])

@@ -41,7 +41,7 @@ from covspec.config import Config, config_to_dict, load_config
 from covspec.data import load_benchmark
 from covspec.errors import CovspecError
 from covspec.inputs import check_question
-from covspec.models.loading import load_adapter
+from covspec.models.loading import check_pair_files, load_adapter
 from covspec.protocol import Link
 from covspec.pruning import build_pruner
 from covspec.runtime.device import Device
@@ -83,6 +83,7 @@ def run(cfg: Config, rtts: tuple[float, ...] = RTTS_MS, progress=None, edge: str
     links = len(rtts) * len(VARIANTS)
     remote, edge_handle = None, None
     if edge == "process":  # the target lives in the edge process only: the reference runs there too
+        check_pair_files(target, cfg.models.draft)  # the edge process never sees the draft's tokenizer
         torch.set_num_threads(cfg.threads)
         draft = load_adapter(cfg.models.draft.path, cfg.models.draft.dtype, cfg.models.draft.device,
                              key="models.draft.path")  # fmt: skip

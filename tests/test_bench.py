@@ -11,21 +11,45 @@ from covspec.cli import main
 
 
 @pytest.mark.parametrize("edge", ["thread", "process"])
-def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys):
+def test_bench_runs_the_methods_side_by_side(edge, tmp_path, capsys, monkeypatch):
+    import covspec.runtime.engine as engine_module
+    import pipelines.bench as bench_module
+    from covspec.runtime.edge_process import EdgeProcess
+
+    events: list[str] = []  # the order this process loads models and the edge process ends in
+    for module in (engine_module, bench_module):
+        real = module.load_adapter
+
+        def recording(path, *args, key="models.target.path", _real=real, **kwargs):
+            events.append(f"load {key}")
+            return _real(path, *args, key=key, **kwargs)
+
+        monkeypatch.setattr(module, "load_adapter", recording)
+    real_close = EdgeProcess.close
+
+    def closing(self, *args, **kwargs):
+        events.append("edge process closed")
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(EdgeProcess, "close", closing)
     out = tmp_path / "bench.jsonl"
     argv = ["bench", "data.limit=2", "generation.max_new_tokens=12", "threads=1",
             "methods=[target_only,vanilla_sd,covspec]", "--out", str(out), "--edge", edge]  # fmt: skip
-    if edge == "process":
-        argv.append("--no-hf-assisted")
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    methods = ["target_only", "vanilla_sd", "covspec"] + (["hf_assisted"] if edge == "thread" else [])
+    methods = ["target_only", "vanilla_sd", "covspec", "hf_assisted"]
     assert sorted({r["method"] for r in rows}) == sorted(methods)
     assert len(rows) == 2 * len(methods)  # one row per sample and method, the HF peer's included
     reference = {r["sample_id"]: r["token_ids"] for r in rows if r["method"] == "target_only"}
     for r in rows:
         assert r["token_ids"] == reference[r["sample_id"]], r["method"]  # greedy: every method is target-exact
     assert all({"tree_rounds", "tree_hits", "tree_nodes"} <= r.keys() for r in rows if r["method"] == "covspec")
+    if edge == "process":  # one copy of the target at a time: this process loads it once the edge process is gone
+        assert events == ["load models.draft.path", "edge process closed", "load models.target.path"]
+        assert [r["method"] for r in rows][-2:] == ["hf_assisted"] * 2  # the HF peer's pass, after the methods
+    else:
+        assert events == ["load models.target.path", "load models.draft.path"]
+        assert [r["method"] for r in rows][:4] == methods  # interleaved, sample by sample
     printed = "".join(capsys.readouterr().out.split())  # rich wraps the title
     assert f"edgeina{edge}" in printed and "covspec" in printed
 

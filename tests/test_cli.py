@@ -106,3 +106,60 @@ def test_pipelines_report_a_missing_checkpoint_in_one_line(name, tmp_path, monke
     assert main(["models.target.path=/nonexistent/target", "tracking.enabled=false", "data.limit=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{name}: error: models.target.path: checkpoint directory '/nonexistent/target' does not exist"]
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    """A tiny random-weight Qwen2-VL checkpoint: a real family whose tokenizer is not the toy pair's."""
+    from covspec.models.tiny import tiny_qwen2_vl
+
+    path = tmp_path_factory.mktemp("tiny-qwen")
+    adapter = tiny_qwen2_vl(seed=1)
+    adapter.model.save_pretrained(path)
+    adapter.processor.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command", [["run"], ["tune"], ["bench", "--edge", "process", "--no-hf-assisted"]])
+def test_a_pair_without_a_shared_tokenizer_fails_before_anything_starts(command, qwen_checkpoint, tmp_path,
+                                                                        monkeypatch, capsys):  # fmt: skip
+    """Before this check, `covspec run` started Ray, deployed the edge and started the devices, and then every
+    device died on the edge's first reply (vocab_mismatch) with a traceback Ray could not even deserialize."""
+    monkeypatch.chdir(tmp_path)  # results/, mlruns/ and tune storage would be created here
+    argv = [*command, f"models.target.path={qwen_checkpoint}", "data.limit=1",
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"tune.storage={tmp_path / 'tune'}"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "models.draft.path and models.target.path have different tokenizers" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no results, no MLflow store, no search
+
+
+def test_the_drafting_bench_checks_the_pair_before_its_edge_process_starts(qwen_checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):  # fmt: skip
+    from pipelines import drafting_bench
+
+    monkeypatch.chdir(tmp_path)
+    assert drafting_bench.main([f"models.target.path={qwen_checkpoint}", "data.limit=1", "--edge", "process"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("drafting_bench: error: models.draft.path and models.target.path have")
+
+
+def test_a_missing_checkpoint_fails_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", f"models.draft.path={tmp_path / 'nowhere'}", "tracking.enabled=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "models.draft.path: checkpoint directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_protocol_errors_survive_pickling():
+    """Ray pickles a device's exception back to the driver: a ProtocolError that could not be rebuilt reached
+    `covspec run` as an UnserializableException, past its retry logic, as a traceback."""
+    import pickle
+
+    from covspec.protocol import ErrorCode, ProtocolError
+
+    err = pickle.loads(pickle.dumps(ProtocolError(ErrorCode.VOCAB_MISMATCH, "edge vocab_size 53, device 50")))
+    assert (type(err), err.code, err.message) == (ProtocolError, "vocab_mismatch", "edge vocab_size 53, device 50")
+    assert str(err) == "vocab_mismatch: edge vocab_size 53, device 50"

@@ -322,9 +322,11 @@ def run_search(
     """
     from covspec import tracking
     from covspec.cluster.placement import check_gpus
+    from covspec.models.loading import check_pair_files
 
     cfg, out = _resolve(cfg, resume, stored_config)
     check_gpus(cfg, "tune")
+    check_pair_files(cfg.models.target, cfg.models.draft)  # not in every trial, after the search has started
     dims = parse_space(cfg)
     space = space_of(cfg)
     tracked = copy.deepcopy(cfg)

@@ -157,7 +157,14 @@ def run_method(
 ) -> MethodPhase:  # fmt: skip
     """Every job of ``method`` spread over the devices; each row goes to ``sink`` as it finishes."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        GetTimeoutError,
+        RayActorError,
+        RayTaskError,
+        UnserializableException,
+    )
 
     cfg = cluster.cfg
     queue = deque(jobs)
@@ -192,7 +199,7 @@ def run_method(
         i, job = running.pop(fut)
         try:
             row = ray.get(fut, timeout=0)
-        except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError) as err:
+        except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError, UnserializableException) as err:
             attempts[job.sample_id] = attempts.get(job.sample_id, 0) + 1
             phase.retries += 1
             if attempts[job.sample_id] >= cfg.cluster.max_attempts:
@@ -201,7 +208,7 @@ def run_method(
                 raise RunError(f"{method}: sample {job.sample_id} failed {attempts[job.sample_id]} times "
                                f"(last: {last[:300]})") from None  # fmt: skip
             queue.appendleft(job)  # another device takes it next
-            if isinstance(err, RayTaskError) and not isinstance(err, RayActorError):
+            if isinstance(err, RayTaskError | UnserializableException) and not isinstance(err, RayActorError):
                 free.append(i)  # the request failed (e.g. its edge session could not be reopened), the device lives
             else:
                 pinging[cluster.devices[i].ping.remote()] = i  # the actor died: back once Ray has restarted it
@@ -502,8 +509,10 @@ def run_experiment(
     from covspec.cluster.placement import check_gpus
     from covspec.data import load_benchmark
     from covspec.data.metrics import exact_match, token_f1
+    from covspec.models.loading import check_pair_files
 
     check_gpus(cfg, "run")  # before a run or a results directory exists
+    check_pair_files(cfg.models.target, cfg.models.draft)  # a pair the devices and the edge could not share
     samples = load_benchmark(cfg.data, seed=cfg.seed)
     run_id = resume
     done: set[tuple[str, str]] = set()

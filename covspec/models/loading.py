@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from covspec.errors import InputError
 from covspec.models.base import VLMAdapter
+
+if TYPE_CHECKING:
+    from covspec.config import ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN = {"toy-target": ASSETS / "toy-target", "toy-draft": ASSETS / "toy-draft"}
@@ -37,8 +41,12 @@ def resolve_path(path: str, key: str = "models.target.path") -> str:
     return path  # hub id: transformers resolves it (needs network or the local HF cache)
 
 
-def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
-    """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
+def _open(path: str, key: str, dtype: str) -> tuple[str, str, object]:
+    """Check the checkpoint at ``path`` without its weights: (resolved path, model type, processor).
+
+    Raises:
+        InputError: naming ``key``: no checkpoint there, an unsupported architecture or dtype, no loadable processor.
+    """
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -59,12 +67,46 @@ def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: st
         processor = load_processor(resolved)
     except (OSError, ValueError, json.JSONDecodeError, ImportError, AttributeError) as exc:
         raise InputError(f"{key}: cannot load the processor of {path!r}: {str(exc).splitlines()[0]}") from exc
+    return resolved, model_type, processor
+
+
+def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
+    """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
+    resolved, model_type, processor = _open(path, key, dtype)
     model_cls, adapter_cls = _family(model_type)
     try:
         model = model_cls.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
     except (OSError, ValueError) as exc:
         raise InputError(f"{key}: cannot load the weights of {path!r}: {str(exc).splitlines()[0]}") from exc
     return adapter_cls(model, processor, name=Path(resolved).name)
+
+
+def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
+    """Draft and target must share the tokenizer (the same ids for the same tokens): the device tokenizes the prompt
+    that the target prefills, and the target verifies the draft's ids.
+
+    Raises:
+        InputError: naming both ``models.<role>.path`` keys.
+    """
+    t, d = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if t != d:
+        differ = sum(1 for tok, i in d.items() if t.get(tok) != i) + sum(1 for tok in t if tok not in d)
+        raise InputError(
+            f"models.draft.path and models.target.path have different tokenizers ({len(d)} vs {len(t)} tokens, "
+            f"{differ} differing): speculative decoding needs a shared vocabulary"
+        )
+
+
+def check_pair_files(target: ModelConfig, draft: ModelConfig) -> None:
+    """Check the pair from its files alone (configs, processors; no weights), so that a bad checkpoint or a pair
+    without a shared tokenizer fails in a second, before a cluster starts or a model loads.
+
+    Raises:
+        InputError: naming the key (``models.target.path``, ``models.draft.path``) and the problem.
+    """
+    *_, t = _open(target.path, "models.target.path", target.dtype)
+    *_, d = _open(draft.path, "models.draft.path", draft.dtype)
+    check_same_tokenizer(t.tokenizer, d.tokenizer)
 
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")

@@ -92,6 +92,9 @@ class ProtocolError(CovspecError):
         self.code = str(code)
         self.message = message
 
+    def __reduce__(self):  # pickle (Ray returns a device's errors to the driver) rebuilds it from both fields
+        return type(self), (self.code, self.message)
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -90,13 +90,15 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
 
 
 def check_pair(target: VLMAdapter, draft: VLMAdapter) -> None:
-    """Draft and target must share the tokenizer (same vocabulary, same ids)."""
+    """Draft and target must share the tokenizer (same vocabulary, same ids) and the width of the ids they score."""
     from covspec.errors import InputError
+    from covspec.models.loading import check_same_tokenizer
 
-    if target.vocab_size != draft.vocab_size or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+    check_same_tokenizer(target.tokenizer, draft.tokenizer)
+    if target.vocab_size != draft.vocab_size:
         raise InputError(
-            f"models.draft.path and models.target.path have different tokenizers "
-            f"({draft.vocab_size} vs {target.vocab_size} tokens): speculative decoding needs a shared vocabulary"
+            f"models.draft.path and models.target.path score different vocabularies ({draft.vocab_size} vs "
+            f"{target.vocab_size} ids) over the same tokenizer: speculative decoding needs a shared vocabulary"
         )
 
 
@@ -105,32 +107,41 @@ class LocalEngine:
     """A target, a draft and an Edge in one process; each request gets a fresh device link.
 
     ``pruner`` defaults to the one ``cfg.pruning`` describes (None for ``method: none``); every Device gets it.
+    ``with_edge_process`` builds one whose edge runs in a spawned process instead: then ``target`` and ``edge`` are
+    None (the target is loaded once, there).
     """
 
     cfg: Config
-    target: VLMAdapter
+    target: VLMAdapter | None
     draft: VLMAdapter
-    edge: Edge
+    edge: Edge | None
     pruner: Pruner | None = field(default=None)
     remote: Any = field(default=None)
-    """An ``edge_process.EdgeProcess`` to verify in instead of ``edge`` (``start_edge_process``), or None."""
+    """An ``edge_process.EdgeProcess`` to verify in instead of ``edge`` (``with_edge_process``), or None."""
 
     def __post_init__(self) -> None:
         if self.pruner is None:
             self.pruner = build_pruner(self.cfg.pruning, self.cfg.seed)
         self._remote_link: Any = None
 
-    def start_edge_process(self) -> None:
-        """Verify every later request in a spawned edge process (one link, reused request after request), so that
-        a device drafting during a wait runs in parallel with the verification instead of sharing this process's
-        interpreter lock with it (``covspec.runtime.edge_process``). ``close`` ends it."""
+    @classmethod
+    def with_edge_process(cls, cfg: Config) -> LocalEngine:
+        """Verify every request in a spawned edge process (one link, reused request after request), so that a device
+        drafting during a wait runs in parallel with the verification instead of sharing this process's interpreter
+        lock with it (``covspec.runtime.edge_process``). This process loads only the draft; the pair's tokenizers
+        are checked from their files first. ``close`` ends the edge process.
+        """
+        from covspec.models.loading import check_pair_files
         from covspec.runtime.edge_process import EdgeProcess
 
-        t = self.cfg.models.target
-        cluster = self.cfg.cluster
-        self.remote = EdgeProcess(t.path, links=1, dtype=t.dtype, device=t.device, threads=cluster.edge_threads,
-                                  session_ttl_s=cluster.session_ttl_s,
-                                  prefill=prefill_policy(self.cfg.verification.prefill, shared=False))  # fmt: skip
+        m, cluster = cfg.models, cfg.cluster
+        check_pair_files(m.target, m.draft)
+        torch.set_num_threads(cfg.threads)
+        draft = load_adapter(m.draft.path, m.draft.dtype, m.draft.device, key="models.draft.path")
+        remote = EdgeProcess(m.target.path, links=1, dtype=m.target.dtype, device=m.target.device,
+                             threads=cluster.edge_threads, session_ttl_s=cluster.session_ttl_s,
+                             prefill=prefill_policy(cfg.verification.prefill, shared=False))  # fmt: skip
+        return cls(cfg, None, draft, None, remote=remote)
 
     def close(self) -> None:
         if self.remote is not None:
@@ -139,6 +150,8 @@ class LocalEngine:
 
     def _transport(self, link: Link) -> Transport:
         if self.remote is None:
+            if self.edge is None:
+                raise RuntimeError("this engine's edge process has ended (close): it has no edge to verify with")
             return InProcessTransport(self.edge.handle, link, idle=self.edge.prefill_idle)
         if self._remote_link is None:
             self._remote_link = self.remote.transport(link)
