@@ -127,6 +127,15 @@ def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address ``host:port`` (or Ray Client's ``ray://host:port``); None for anything else."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal: [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def _check_text(key: str, value: Any, *, optional: bool = False) -> None:
     """Checks for a non-empty string (or None when ``optional``)."""
     if value is None and optional:
@@ -447,7 +456,8 @@ class ClusterConfig(_Section):
     """The distributed runtime of ``covspec run``: Ray device actors and the Ray Serve edge (docs/cluster.md)."""
 
     address: str | None = None
-    """Ray cluster to join (``auto`` or ``host:port``); None starts a local Ray in this process."""
+    """Ray cluster to join (``auto``: the one ``ray start`` started on this machine, or ``host:port`` of its head);
+    None starts a local Ray in this process."""
     num_devices: int = 8
     """Device drafter actors (1..256)."""
     device_cpus: float = 0.1
@@ -500,6 +510,8 @@ class ClusterConfig(_Section):
 
     def _check(self, prefix: str) -> None:
         _check_text(_join(prefix, "address"), self.address, optional=True)
+        if self.address is not None and ray_host_port(self.address) is None and self.address != "auto":
+            raise ConfigError(f"{_join(prefix, 'address')} must be auto or host:port, got {self.address!r}")
         _check_int(_join(prefix, "num_devices"), self.num_devices, 1, 256)
         _check_number(_join(prefix, "device_cpus"), self.device_cpus, 0, 64, low_open=True)
         _check_int(_join(prefix, "device_threads"), self.device_threads, 1)

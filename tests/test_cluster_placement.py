@@ -138,3 +138,65 @@ def test_gpu_reservations_that_fit_pass():
         check_gpus(cfg, "tune")
     with pytest.raises(ValueError, match="command"):
         check_gpus(load_config(None, []), "bench")
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:1", "cluster.address: no Ray cluster answers at '127.0.0.1:1' (Connection refused)"),
+        ("no-such-host.invalid:6379", "cluster.address: no Ray cluster answers at 'no-such-host.invalid:6379' ("),
+    ],
+)
+def test_joining_a_cluster_nobody_runs_fails_at_once_naming_the_key(address, message, monkeypatch):
+    """Ray itself retried such an address for minutes (`covspec run cluster.address=nowhere:1234` was still
+    retrying after 120 s)."""
+    import time
+
+    import ray
+
+    from covspec.cluster.placement import connect_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # this test process may hold the session's Ray
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must not be reached"))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        connect_ray(address, timeout_s=2.0)
+    assert str(info.value).startswith(message) and time.perf_counter() - start < 5
+
+
+def test_auto_without_a_cluster_is_a_config_error_not_a_traceback(monkeypatch):
+    import ray
+
+    from covspec.cluster.placement import connect_ray
+
+    def init(**kwargs):
+        assert kwargs["address"] == "auto"
+        raise ConnectionError("Could not find any running Ray instance. Please specify ...\nmore")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ConfigError, match=r"^cluster\.address: cannot join a Ray cluster at 'auto': Could not find "
+                                          r"any running Ray instance\. Please specify \.\.\.$"):  # fmt: skip
+        connect_ray("auto")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert connect_ray("auto") is False  # Ray already up in this process: joined by whoever started it
+
+
+@pytest.mark.parametrize("address", ["foo", "host:0", ":6379", "host:port", "host:70000"])
+def test_a_malformed_cluster_address_is_a_config_error(address):
+    with pytest.raises(ConfigError, match=rf"^cluster\.address must be auto or host:port, got '{address}'$"):
+        load_config(None, [f"cluster.address={address}"])
+    for good in ("auto", "10.0.0.5:6379", "head.example:6379", "ray://head.example:10001"):
+        assert load_config(None, [f"cluster.address={good}"]).cluster.address == good
+
+
+def test_covspec_run_on_an_unreachable_cluster_leaves_no_run_behind(tmp_path, monkeypatch, capsys):
+    from covspec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)  # as in a fresh `covspec run` process
+    argv = ["run", "cluster.address=127.0.0.1:1", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "data.limit=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "covspec: error: cluster.address: no Ray cluster answers at '127.0.0.1:1' (Connection refused)\n"
+    assert list(tmp_path.iterdir()) == []  # no results directory, no MLflow store

@@ -215,11 +215,9 @@ def _ensure_ray(cfg: Config) -> bool:
     """Starts Ray unless it is running (returns whether it did); checks that a trial fits in the cluster."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        ray.init(address=cfg.cluster.address, **kwargs)
-        started = True
+    from covspec.cluster.placement import connect_ray
+
+    started = connect_ray(cfg.cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     for key, name, want in (("CPU", "trial_cpus", cfg.tune.trial_cpus), ("GPU", "trial_gpus", cfg.tune.trial_gpus)):
         have = resources.get(key, 0)
@@ -334,29 +332,32 @@ def run_search(
     uri = tracking.tracking_uri(tracked)
     state = json.loads((out / "search.json").read_text()) if resume else {}
     tags = {"covspec.command": "tune", "tune.name": cfg.tune.name}
-    with tracking.start_run(tracked, f"tune {cfg.tune.name}", tags, run_id=state.get("parent_run_id")) as run:
-        parent = run.info.run_id
-        if not resume:
-            out.mkdir(parents=True)
-            (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-            (out / "search.json").write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
-            tracking.log_dict(space, "space.yaml")
-        log(f"search {cfg.tune.name} in {out}; parent MLflow run {parent} ({uri})")
-        (out / "status.json").unlink(missing_ok=True)
-        started = _ensure_ray(cfg)
-        try:
+    import ray
+
+    started = _ensure_ray(cfg)  # before the search's MLflow run or directory exists: a bad address leaves neither
+    try:
+        with tracking.start_run(tracked, f"tune {cfg.tune.name}", tags, run_id=state.get("parent_run_id")) as run:
+            parent = run.info.run_id
+            if not resume:
+                out.mkdir(parents=True)
+                (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+                (out / "search.json").write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
+                tracking.log_dict(space, "space.yaml")
+            log(f"search {cfg.tune.name} in {out}; parent MLflow run {parent} ({uri})")
+            (out / "status.json").unlink(missing_ok=True)
             from ray import tune as raytune
 
             restore = resume and raytune.Tuner.can_restore(str(out))
             start = time.perf_counter()
             _tuner(cfg, dims, space, out, parent, uri, restore, verbose).fit()
             elapsed = time.perf_counter() - start
-        finally:
-            if started:
-                import ray
-
+            if started:  # the trials' workers go before the report is written
                 ray.shutdown()
-        return _finish(cfg, dims, out, parent, uri, elapsed)
+                started = False
+            return _finish(cfg, dims, out, parent, uri, elapsed)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _finish(cfg: Config, dims: list[Dimension], out: Path, parent: str, uri: str, elapsed: float) -> SearchResult:

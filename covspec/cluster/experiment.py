@@ -93,7 +93,7 @@ class Cluster:
 
         from covspec.cluster.devices import DeviceActor, device_options
         from covspec.cluster.edge_app import APP_NAME, DEPLOYMENT_NAME, StatsBoard, edge_app
-        from covspec.cluster.placement import check_cores, check_gpus
+        from covspec.cluster.placement import check_cores, check_gpus, connect_ray
 
         self.cfg = cfg
         c = cfg.cluster
@@ -101,14 +101,7 @@ class Cluster:
         if not c.address:  # a local Ray: the actors see this machine's cores, so a bad core is a config error now
             check_cores(c.edge_cores, "cluster.edge_cores")
             check_cores(c.device_cores, "cluster.device_cores")
-        self._started_ray = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            if c.address:
-                ray.init(address=c.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-            self._started_ray = True
+        self._started_ray = connect_ray(c.address, log_to_driver=False)
         self.namespace = ray.get_runtime_context().namespace
         tag = secrets.token_hex(4)
         self.board_name = f"covspec-edge-stats-{tag}"
@@ -529,6 +522,8 @@ def run_experiment(
     tags = {"covspec.command": "run"}
     own = cluster is None
     try:
+        if own:  # before a run or a results directory exists: a cluster that cannot start leaves neither
+            cluster = Cluster(cfg, log)
         with tracking.start_run(cfg, "covspec-run", tags, run_id=resume if cfg.tracking.enabled else None) as active:
             if run_id is None:
                 run_id = active.info.run_id if active is not None else f"local-{secrets.token_hex(6)}"
@@ -541,8 +536,6 @@ def run_experiment(
             current = {"repeat": 0}
             measured_in = secrets.token_hex(6)  # tags the rows timed by this process's phases
             try:
-                if own:
-                    cluster = Cluster(cfg, log)
                 with jsonl.open("a", encoding="utf-8") as sink_file:
 
                     def sink(row: dict[str, Any]) -> None:

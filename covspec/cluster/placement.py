@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from covspec.config import Config
+from covspec.config import Config, ray_host_port
 from covspec.errors import ConfigError
 
 
@@ -77,3 +77,36 @@ def check_gpus(cfg: Config, command: str) -> None:
             sees = "its GPU as cuda:0" if seen == 1 else f"its {seen} GPUs as cuda:0 to cuda:{seen - 1}"
             raise ConfigError(f"models.{role}.device is {device!r} but {who} reserving {key}={gpus:g} sees {sees}; "
                               "use cuda")  # fmt: skip
+
+
+def connect_ray(address: str | None, timeout_s: float = 5.0, **init_kwargs) -> bool:
+    """Start a local Ray (``address`` None) or join the cluster at ``address`` (``cluster.address``: ``auto``, or
+    ``host:port``), unless Ray is already initialized in this process; returns whether it started or joined one
+    (then the caller shuts it down).
+
+    Ray itself retries an address nobody answers at for minutes, and reports a missing ``auto`` cluster with a
+    traceback; here both are a ``ConfigError`` naming the key, within ``timeout_s``.
+    """
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **init_kwargs)
+        return True
+    where = ray_host_port(address)  # None: auto (Ray finds the cluster this machine started)
+    if where is not None:
+        try:
+            socket.create_connection(where, timeout=timeout_s).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"cluster.address: no Ray cluster answers at {address!r} ({reason})") from None
+    try:
+        ray.init(address=address, **init_kwargs)
+    except (ConnectionError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"cluster.address: cannot join a Ray cluster at {address!r}: {first}") from None
+    return True
