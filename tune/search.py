@@ -314,9 +314,10 @@ def run_search(
     config is then used as is if ``stored_config``, else ``cfg`` must equal it.
 
     Raises:
-        ConfigError: an invalid space (naming ``tune.space.<key>``), an existing search without ``resume``, or a
-            resume with another config. Raised before any trial starts.
-        InputError: nothing to resume.
+        ConfigError: an invalid space (naming ``tune.space.<key>``), an existing search without ``resume``, a
+            resume with another config, ``cluster.address`` or a trial's resources. Raised before any trial starts.
+        InputError: nothing to resume; unless the space searches ``models.*``, a model pair without a shared
+            tokenizer or a missing checkpoint (with it, each trial loads and checks its own pair: a failed trial).
     """
     from covspec import tracking
     from covspec.cluster.placement import check_gpus
@@ -324,8 +325,9 @@ def run_search(
 
     cfg, out = _resolve(cfg, resume, stored_config)
     check_gpus(cfg, "tune")
-    check_pair_files(cfg.models.target, cfg.models.draft)  # not in every trial, after the search has started
     dims = parse_space(cfg)
+    if not any(d.key.startswith("models.") for d in dims):  # else each trial checks its own pair (a failed trial)
+        check_pair_files(cfg.models.target, cfg.models.draft)  # not in every trial, after the search has started
     space = space_of(cfg)
     tracked = copy.deepcopy(cfg)
     tracked.tracking.enabled = True  # a search is always tracked
