@@ -95,6 +95,30 @@ def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_p
     assert {"plots/throughput.png", "plots/bytes_per_token.png", "plots/accepted_length_hist.png"} <= plots
 
 
+def test_an_edge_that_cannot_load_its_target_fails_naming_the_cause_and_leaves_nothing(ray_session, tmp_path):
+    """Serve's own error says only "Failed to update the deployments ['EdgeServer']" (as a traceback); the cause is
+    in the replica's. Nothing of the half-started cluster stays behind in the session's Ray."""
+    import shutil
+
+    import ray
+    from ray import serve
+
+    from covspec.cluster.experiment import Cluster, StartError
+    from covspec.models.loading import BUILTIN
+
+    bad = tmp_path / "target"
+    shutil.copytree(BUILTIN["toy-target"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])  # truncated
+    cfg = load_config(None, [*SMALL, f"models.target.path={bad}"])
+    with pytest.raises(StartError) as info:
+        Cluster(cfg, log=lambda m: None)
+    assert str(info.value).startswith(f"the edge did not start: InputError: models.target.path: cannot load the "
+                                      f"weights of '{bad}': ")  # fmt: skip
+    assert not [name for name in serve.status().applications if name.startswith("covspec-edge")]
+    assert not [a for a in ray.util.list_named_actors() if str(a).startswith("covspec-")]
+
+
 def _jobs(method: str, samples):
     from covspec.cluster.devices import Job
     from covspec.cluster.experiment import _png

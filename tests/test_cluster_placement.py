@@ -200,3 +200,21 @@ def test_covspec_run_on_an_unreachable_cluster_leaves_no_run_behind(tmp_path, mo
     err = capsys.readouterr().err
     assert err == "covspec: error: cluster.address: no Ray cluster answers at '127.0.0.1:1' (Connection refused)\n"
     assert list(tmp_path.iterdir()) == []  # no results directory, no MLflow store
+
+
+def test_the_cause_of_a_remote_traceback_is_its_last_error_line():
+    from covspec.cluster.experiment import cause_line
+
+    trace = """Traceback (most recent call last):
+  File "/x/replica.py", line 1, in initialize_callable
+    raise covspec.errors.InputError(...)
+covspec.errors.InputError: models.target.path: cannot load the weights of '/m': truncated
+
+During handling, another line
+"""
+    assert cause_line(trace) == "InputError: models.target.path: cannot load the weights of '/m': truncated"
+    assert cause_line("ray::DeviceActor.__init__()\nsafetensors._safetensors_rust.SafetensorError: bad header") == (
+        "SafetensorError: bad header"
+    )
+    assert cause_line("Failed to update the deployments.\n") == "Failed to update the deployments."
+    assert cause_line("") == "no reason given"

@@ -262,6 +262,19 @@ def test_loading_errors_name_the_key(adapters, tmp_path):
         load_adapter(str(tmp_path / "text-only"))
 
 
+def test_truncated_weights_are_an_input_error_naming_the_key(tmp_path):
+    """safetensors raises its own error class, which used to escape as a traceback."""
+    import shutil
+
+    from covspec.models.loading import BUILTIN
+
+    shutil.copytree(BUILTIN["toy-draft"], tmp_path / "draft")
+    weights = tmp_path / "draft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(InputError, match=r"^models\.draft\.path: cannot load the weights of '.*draft': "):
+        load_adapter(str(tmp_path / "draft"), key="models.draft.path")
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_pair_with_padded_lm_heads(family):
     """Like Qwen2.5-VL-3B (151,936 LM-head rows) drafting for 7B (152,064): one tokenizer, different head widths."""

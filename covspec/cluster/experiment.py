@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import statistics
 import time
@@ -41,6 +42,10 @@ RESULTS_ROOT = Path("results")
 
 class RunError(CovspecError):
     """The experiment cannot make progress (no device left, a sample failing on every attempt, no edge)."""
+
+
+class StartError(CovspecError):
+    """The cluster could not start (its edge or its device actors): nothing ran, no run or results exist."""
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Cluster:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print) -> None:
         import ray
         from ray import serve
+        from ray.exceptions import RayActorError
 
         from covspec.cluster.devices import DeviceActor, device_options
         from covspec.cluster.edge_app import APP_NAME, DEPLOYMENT_NAME, StatsBoard, edge_app
@@ -106,20 +112,32 @@ class Cluster:
         tag = secrets.token_hex(4)
         self.board_name = f"covspec-edge-stats-{tag}"
         self.board = StatsBoard.options(name=self.board_name).remote()
-        if c.http:
-            serve.start(http_options={"host": c.http_host, "port": c.http_port})
-        else:
-            serve.start(proxy_location="Disabled")
         self.app_name = f"{APP_NAME}-{tag}"
-        log(f"deploying the edge ({c.edge_replicas} replica(s), batches of <= {c.max_batch_size}) ...")
-        serve.run(edge_app(cfg, self.board_name, self.namespace), name=self.app_name,
-                  route_prefix="/covspec" if c.http else None)  # fmt: skip
-        log(f"starting {c.num_devices} device actors ...")
-        text = config_to_yaml(cfg)
-        self.devices = [DeviceActor.options(name=f"covspec-device-{tag}-{i}", **device_options(cfg))
-                        .remote(text, i, self.app_name) for i in range(c.num_devices)]  # fmt: skip
-        self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
-        edge = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name).stats.remote().result()
+        self.devices: list[Any] = []
+        try:
+            if c.http:
+                serve.start(http_options={"host": c.http_host, "port": c.http_port})
+            else:
+                serve.start(proxy_location="Disabled")
+            log(f"deploying the edge ({c.edge_replicas} replica(s), batches of <= {c.max_batch_size}) ...")
+            try:
+                serve.run(edge_app(cfg, self.board_name, self.namespace), name=self.app_name,
+                          route_prefix="/covspec" if c.http else None)  # fmt: skip
+            except RuntimeError as exc:  # the replica's own error is in the deployment's status, not in this one
+                why = cause_line(_deployment_message(self.app_name, exc))
+                raise StartError(f"the edge did not start: {why}") from None
+            log(f"starting {c.num_devices} device actors ...")
+            text = config_to_yaml(cfg)
+            self.devices = [DeviceActor.options(name=f"covspec-device-{tag}-{i}", **device_options(cfg))
+                            .remote(text, i, self.app_name) for i in range(c.num_devices)]  # fmt: skip
+            try:
+                self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
+            except RayActorError as exc:
+                raise StartError(f"the device actors did not start: {cause_line(str(exc))}") from None
+            edge = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name).stats.remote().result()
+        except BaseException:
+            self.close()  # what did start goes (and Ray, if this started it)
+            raise
         self.edge_nice: int = edge["nice"]
         self.edge_cores: list[int] = edge["cores"]
 
@@ -142,6 +160,29 @@ class Cluster:
         if self._started_ray:
             serve.shutdown()
             ray.shutdown()
+
+
+def _deployment_message(app_name: str, error: Exception) -> str:
+    """What Serve says of the deployments of ``app_name`` (their replicas' tracebacks), else ``error``'s text."""
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        app = serve.status().applications[app_name]
+        messages = [d.message for d in app.deployments.values() if d.message]
+        if messages:
+            return "\n".join(messages)
+    return str(error)
+
+
+def cause_line(text: str) -> str:
+    """The last ``SomeError: message`` line of a traceback (the error that caused it, its class name without the
+    module), else the text's last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        m = re.match(r"^(?:[\w]+\.)*(\w+(?:Error|Exception)): (.+)$", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    return lines[-1] if lines else "no reason given"
 
 
 def run_method(

@@ -72,11 +72,13 @@ def _open(path: str, key: str, dtype: str) -> tuple[str, str, object]:
 
 def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
     """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
+    from safetensors import SafetensorError
+
     resolved, model_type, processor = _open(path, key, dtype)
     model_cls, adapter_cls = _family(model_type)
     try:
         model = model_cls.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:  # missing, truncated, of another shape
         raise InputError(f"{key}: cannot load the weights of {path!r}: {str(exc).splitlines()[0]}") from exc
     return adapter_cls(model, processor, name=Path(resolved).name)
 
