@@ -14,6 +14,7 @@ from covspec.config import Config
 from covspec.data import load_benchmark
 from covspec.data.metrics import benchmark_score, exact_match, token_f1
 from covspec.decoding.autoregressive import generate
+from covspec.errors import InputError
 from covspec.inputs import check_question, load_image
 from covspec.models.loading import load_adapter
 
@@ -132,8 +133,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = args.out or cfg.output
     out_path = Path(out) if out else None
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path is not None:  # before any model loads
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.open("w", encoding="utf-8").close()
+        except OSError as exc:
+            key = "--out" if args.out else "output"
+            raise InputError(f"{key}: cannot write {str(out_path)!r} ({exc.strerror or type(exc).__name__})") from None
     progress = Progress(console=Console(stderr=True), transient=True)
     task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
 

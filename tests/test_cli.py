@@ -37,6 +37,8 @@ def test_config_show_without_arguments_prints_the_defaults(capsys):
         (["config", "show", "data.limit=3", "oops"], "expected key=value"),
         (["run", "models.target.device=cuda"], "models.target.device is 'cuda' but cluster.edge_gpus is 0"),
         (["tune", "models.draft.device=cuda"], "models.draft.device is 'cuda' but tune.trial_gpus is 0"),
+        (["bench", "--out", "/proc/nope/x.jsonl"], "--out: cannot write '/proc/nope/x.jsonl' (No such file"),
+        (["bench", "output=/proc/x.jsonl"], "output: cannot write '/proc/x.jsonl' ("),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(capsys, argv: list[str], message: str):
