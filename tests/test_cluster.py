@@ -73,6 +73,8 @@ def test_covspec_run_every_method_on_two_devices_with_token_auth(tmp_path, toy_p
     assert by["covspec"]["identical_to_target_only"] == 1.0
     assert all(row["edge_errors"] == 0 for row in summary)  # device and edge agree on every frame (and on closing)
     assert "Edge error replies" not in proc.stdout
+    assert "(raylet)" not in proc.stdout + proc.stderr  # the teardown no longer kills Serve's controller by itself
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("run ")  # the table, then where it is: nothing after
     assert by["covspec"]["decoding_bytes_per_token"] < by["vanilla_sd"]["decoding_bytes_per_token"]
     assert by["covspec"]["edge_capacity"] > 0 and by["target_only"]["system_tokens_per_s"] > 0
     base = by["target_only"]  # its ceiling: busy time over prefill time

@@ -157,9 +157,14 @@ class Cluster:
         with contextlib.suppress(Exception):  # best effort: Serve may already be gone
             serve.delete(self.app_name)
         ray.kill(self.board, no_restart=True)
-        if self._started_ray:
-            serve.shutdown()
+        if self._started_ray:  # all of Ray goes, Serve's controller with it
+            # serve.shutdown() would kill the controller first, and the raylet then prints two "Task
+            # ServeController... failed" lines after the table; only the driver's handle on it needs forgetting.
             ray.shutdown()
+            with contextlib.suppress(Exception):
+                from ray.serve.context import _set_global_client
+
+                _set_global_client(None)
 
 
 def _deployment_message(app_name: str, error: Exception) -> str:
