@@ -218,3 +218,26 @@ During handling, another line
     )
     assert cause_line("Failed to update the deployments.\n") == "Failed to update the deployments."
     assert cause_line("") == "no reason given"
+
+
+def test_actors_that_cannot_all_fit_in_the_cluster_are_refused_naming_the_keys():
+    """Ray kept such actors pending without a word: `covspec run cluster.device_cpus=1` on 2 cores waited 600 s for
+    its devices, then printed a traceback."""
+    from pathlib import Path
+
+    from covspec.cluster.placement import check_resources
+
+    check_resources(load_config(None, []), {"CPU": 2.0})  # the embedded default: 0.5 + 8 x 0.1 on 2 cores
+    for path in sorted((Path(__file__).parents[1] / "configs" / "models").glob("*.yaml")):  # edge + 8 devices: 1 GPU
+        check_resources(load_config(path), {"CPU": 16.0, "GPU": 1.0})
+    with pytest.raises(ConfigError) as info:
+        check_resources(load_config(None, ["cluster.device_cpus=1"]), {"CPU": 2.0})
+    assert str(info.value) == (
+        "cluster.edge_replicas x cluster.edge_cpus + cluster.num_devices x cluster.device_cpus = 1 x 0.5 + 8 x 1 = "
+        "8.5 CPUs, but this Ray cluster has 2: lower them (fractions are fine) or join a larger cluster"
+    )
+    with pytest.raises(ConfigError, match=r"^cluster\.edge_replicas x cluster\.edge_gpus \+ .* = 2 x 1 \+ 8 x 0 = 2 "
+                                          r"GPUs, but this Ray cluster has 1:"):  # fmt: skip
+        check_resources(load_config(None, ["cluster.edge_replicas=2", "cluster.edge_gpus=1"]), {"CPU": 8, "GPU": 1})
+    with pytest.raises(ConfigError, match="GPUs, but this Ray cluster has 0"):  # no GPU at all
+        check_resources(load_config(None, ["cluster.edge_gpus=0.5"]), {"CPU": 2.0})

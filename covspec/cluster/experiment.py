@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from covspec.config import ClusterConfig, Config, config_to_yaml
-from covspec.errors import CovspecError, InputError
+from covspec.errors import ConfigError, CovspecError, InputError
 
 RESULTS_ROOT = Path("results")
 
@@ -95,11 +95,11 @@ class Cluster:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print) -> None:
         import ray
         from ray import serve
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         from covspec.cluster.devices import DeviceActor, device_options
         from covspec.cluster.edge_app import APP_NAME, DEPLOYMENT_NAME, StatsBoard, edge_app
-        from covspec.cluster.placement import check_cores, check_gpus, connect_ray
+        from covspec.cluster.placement import check_cores, check_gpus, check_resources, connect_ray
 
         self.cfg = cfg
         c = cfg.cluster
@@ -108,6 +108,11 @@ class Cluster:
             check_cores(c.edge_cores, "cluster.edge_cores")
             check_cores(c.device_cores, "cluster.device_cores")
         self._started_ray = connect_ray(c.address, log_to_driver=False)
+        try:
+            check_resources(cfg, ray.cluster_resources())
+        except ConfigError:
+            self._release_ray()
+            raise
         self.namespace = ray.get_runtime_context().namespace
         tag = secrets.token_hex(4)
         self.board_name = f"covspec-edge-stats-{tag}"
@@ -134,6 +139,9 @@ class Cluster:
                 self.info = ray.get([d.ping.remote() for d in self.devices], timeout=600)
             except RayActorError as exc:
                 raise StartError(f"the device actors did not start: {cause_line(str(exc))}") from None
+            except GetTimeoutError:
+                raise StartError("the device actors did not start within 600 s (is another job holding the "
+                                 "cluster's CPUs?)") from None  # fmt: skip
             edge = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name).stats.remote().result()
         except BaseException:
             self.close()  # what did start goes (and Ray, if this started it)
@@ -157,6 +165,11 @@ class Cluster:
         with contextlib.suppress(Exception):  # best effort: Serve may already be gone
             serve.delete(self.app_name)
         ray.kill(self.board, no_restart=True)
+        self._release_ray()
+
+    def _release_ray(self) -> None:
+        import ray
+
         if self._started_ray:  # all of Ray goes, Serve's controller with it
             # serve.shutdown() would kill the controller first, and the raylet then prints two "Task
             # ServeController... failed" lines after the table; only the driver's handle on it needs forgetting.

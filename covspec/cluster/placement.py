@@ -79,6 +79,24 @@ def check_gpus(cfg: Config, command: str) -> None:
                               "use cuda")  # fmt: skip
 
 
+def check_resources(cfg: Config, have: dict[str, float]) -> None:
+    """Raises ConfigError, naming the keys, if the edge replicas and the device actors of ``cfg.cluster`` together
+    reserve more CPUs or GPUs than the Ray cluster has in all (``have``: ``ray.cluster_resources()``).
+
+    Ray would keep such actors pending without a word, and the run would wait for them until its start-up timeout."""
+    c = cfg.cluster
+    for kind, edge, device in (("CPU", c.edge_cpus, c.device_cpus), ("GPU", c.edge_gpus, c.device_gpus)):
+        need = c.edge_replicas * edge + c.num_devices * device
+        total = have.get(kind, 0.0)
+        if need > total + 1e-9:
+            low = kind.lower()
+            raise ConfigError(
+                f"cluster.edge_replicas x cluster.edge_{low}s + cluster.num_devices x cluster.device_{low}s = "
+                f"{c.edge_replicas} x {edge:g} + {c.num_devices} x {device:g} = {need:g} {kind}s, but this Ray "
+                f"cluster has {total:g}: lower them (fractions are fine) or join a larger cluster"
+            )
+
+
 def connect_ray(address: str | None, timeout_s: float = 5.0, **init_kwargs) -> bool:
     """Start a local Ray (``address`` None) or join the cluster at ``address`` (``cluster.address``: ``auto``, or
     ``host:port``), unless Ray is already initialized in this process; returns whether it started or joined one
