@@ -13,6 +13,7 @@ directory) shows the runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -71,7 +72,7 @@ def start_run(
 
     Yields:
         The active ``mlflow.ActiveRun``, or None when tracking is off (nothing is imported or written then).
-        The run ends FINISHED, or FAILED if the body raises.
+        The run ends FINISHED, FAILED if the body raises, or KILLED if it is interrupted (Ctrl-C).
     """
     if not cfg.tracking.enabled:
         yield None
@@ -81,15 +82,20 @@ def start_run(
     if cfg.tracking.uri is None:
         default_root().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    if run_id is not None:
-        with mlflow.start_run(run_id=run_id) as run:
-            _check_resumable(run, cfg)
+    try:
+        if run_id is not None:
+            with mlflow.start_run(run_id=run_id) as run:
+                _check_resumable(run, cfg)
+                yield run
+            return
+        with mlflow.start_run(experiment_id=_experiment_id(cfg), run_name=run_name, tags=dict(tags or {})) as run:
+            mlflow.log_params(params(cfg))
+            mlflow.log_text(config_to_yaml(cfg), "config.yaml")
             yield run
-        return
-    with mlflow.start_run(experiment_id=_experiment_id(cfg), run_name=run_name, tags=dict(tags or {})) as run:
-        mlflow.log_params(params(cfg))
-        mlflow.log_text(config_to_yaml(cfg), "config.yaml")
-        yield run
+    except KeyboardInterrupt:  # MLflow ended it FAILED; it was stopped, not broken (resumable all the same)
+        with contextlib.suppress(Exception):
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        raise
 
 
 def _check_resumable(run: Any, cfg: Config) -> None:

@@ -59,3 +59,19 @@ def test_failed_body_marks_the_run_failed(tmp_path, monkeypatch):
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
     assert not (tmp_path / "mlruns").exists()  # a configured URI leaves the default store alone
     assert (tmp_path / "artifacts").is_dir()  # a SQLite store keeps artifacts beside its database
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_an_interrupted_body_marks_the_run_killed(resumed, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(overrides=["tracking.enabled=true", f"tracking.uri={uri}"])
+    run_id = None
+    if resumed:
+        with tracking.start_run(cfg, "first") as run:
+            run_id = run.info.run_id
+    with pytest.raises(KeyboardInterrupt), tracking.start_run(cfg, "stopped", run_id=run_id) as run:
+        run_id = run.info.run_id
+        raise KeyboardInterrupt
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
