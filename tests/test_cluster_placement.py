@@ -241,3 +241,18 @@ def test_actors_that_cannot_all_fit_in_the_cluster_are_refused_naming_the_keys()
         check_resources(load_config(None, ["cluster.edge_replicas=2", "cluster.edge_gpus=1"]), {"CPU": 8, "GPU": 1})
     with pytest.raises(ConfigError, match="GPUs, but this Ray cluster has 0"):  # no GPU at all
         check_resources(load_config(None, ["cluster.edge_gpus=0.5"]), {"CPU": 2.0})
+
+
+def test_covspec_run_checks_a_local_rays_cpus_before_starting_it(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from covspec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `covspec run` process
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["run", "cluster.device_cpus=1", "tracking.enabled=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covspec: error: cluster.edge_replicas x cluster.edge_cpus + ") and "8.5 CPUs" in err
+    assert list(tmp_path.iterdir()) == []

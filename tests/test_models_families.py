@@ -295,6 +295,36 @@ def test_pair_with_padded_lm_heads(family):
     C.check_engine_greedy(target, draft, [sample], max_new_tokens=6, pruning="joint", keep_ratio=0.25)
 
 
+def test_the_pair_check_from_files_agrees_with_the_adapters_on_logit_width(tmp_path):
+    """check_pair_files reads no weights, yet it sizes the logits as the adapters do: a Qwen2.5-VL pair whose LM heads
+    are padded differently passes (both cut to the tokenizer), a LLaVA target with a wider head (not cut) does not."""
+    import json
+    import shutil
+
+    from covspec.config import ModelConfig
+    from covspec.models.loading import BUILTIN, check_pair_files
+    from covspec.models.tiny import TinyQwenSpec, tiny_qwen2_vl
+    from covspec.runtime.engine import check_pair
+
+    padded, plain = tiny_qwen2_vl(TinyQwenSpec(lm_head_pad=64), seed=1), TINY_FAMILIES["qwen2_5_vl"](2)
+    for name, adapter in (("target", padded), ("draft", plain)):
+        adapter.model.save_pretrained(tmp_path / name)
+        adapter.processor.save_pretrained(tmp_path / name)
+    check_pair(padded, plain)
+    check_pair_files(ModelConfig(path=str(tmp_path / "target")), ModelConfig(path=str(tmp_path / "draft")))
+
+    wide = tmp_path / "wide-target"
+    shutil.copytree(BUILTIN["toy-target"], wide, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((wide / "config.json").read_text())
+    config["text_config"]["vocab_size"] += 8
+    (wide / "config.json").write_text(json.dumps(config))
+    n = config["text_config"]["vocab_size"] - 8  # the toy pair's vocabulary
+    with pytest.raises(InputError) as info:
+        check_pair_files(ModelConfig(path=str(wide)), ModelConfig(path="toy-draft"))
+    assert str(info.value).startswith(f"models.draft.path and models.target.path score different vocabularies ({n} "
+                                      f"vs {n + 8} ids) over the same tokenizer")  # fmt: skip
+
+
 def test_check_pair_refuses_families_with_other_tokenizers(adapters):
     from covspec.runtime.engine import check_pair
 

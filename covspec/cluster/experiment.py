@@ -104,6 +104,8 @@ class Cluster:
         self.cfg = cfg
         c = cfg.cluster
         check_gpus(cfg, "run")
+        if not c.address and not ray.is_initialized():  # a local Ray, of this machine's cores: checked before it starts
+            check_resources(cfg, {"CPU": float(os.cpu_count() or 2), "GPU": float("inf")})  # GPUs: Ray detects them
         if not c.address:  # a local Ray: the actors see this machine's cores, so a bad core is a config error now
             check_cores(c.edge_cores, "cluster.edge_cores")
             check_cores(c.device_cores, "cluster.device_cores")

@@ -31,13 +31,18 @@ from covspec.models.base import (
 class LlavaAdapter(FusedPrefill):
     """Wraps a loaded ``LlavaForConditionalGeneration`` and its processor."""
 
+    @staticmethod
+    def scored_vocab(config, tokenizer) -> int:
+        """The width of the logits this adapter returns, from the model's config and tokenizer (no weights needed)."""
+        return config.text_config.vocab_size
+
     def __init__(self, model: LlavaForConditionalGeneration, processor, name: str = "llava") -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
         self.image_token_id: int = model.config.image_token_id
-        self.vocab_size: int = model.config.text_config.vocab_size
+        self.vocab_size: int = self.scored_vocab(model.config, self.tokenizer)
         eos = eos_id_list(model.generation_config.eos_token_id, self.tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.eos_token_id: int = eos[0]

@@ -27,8 +27,11 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, model, processor, name: str = "llava-next") -> None:
         super().__init__(model, processor, name)
-        # The tokenizer's ids, not the LM head's padded width: draft and target must agree on the logits' width.
-        self.vocab_size = min(self.vocab_size, len(self.tokenizer))
+
+    @staticmethod
+    def scored_vocab(config, tokenizer) -> int:
+        """The tokenizer's ids, not the LM head's padded width: draft and target must agree on the logits' width."""
+        return min(config.text_config.vocab_size, len(tokenizer))
 
     def prepare(self, image: Image.Image, question: str) -> PromptInputs:
         enc = self.processor(images=image.convert("RGB"), text=self.prompt_text(question), return_tensors="pt")

@@ -41,8 +41,8 @@ def resolve_path(path: str, key: str = "models.target.path") -> str:
     return path  # hub id: transformers resolves it (needs network or the local HF cache)
 
 
-def _open(path: str, key: str, dtype: str) -> tuple[str, str, object]:
-    """Check the checkpoint at ``path`` without its weights: (resolved path, model type, processor).
+def _open(path: str, key: str, dtype: str) -> tuple[str, str, object, object]:
+    """Check the checkpoint at ``path`` without its weights: (resolved path, model type, processor, config).
 
     Raises:
         InputError: naming ``key``: no checkpoint there, an unsupported architecture or dtype, no loadable processor.
@@ -67,14 +67,14 @@ def _open(path: str, key: str, dtype: str) -> tuple[str, str, object]:
         processor = load_processor(resolved)
     except (OSError, ValueError, json.JSONDecodeError, ImportError, AttributeError) as exc:
         raise InputError(f"{key}: cannot load the processor of {path!r}: {str(exc).splitlines()[0]}") from exc
-    return resolved, model_type, processor
+    return resolved, model_type, processor, config
 
 
 def load_adapter(path: str, dtype: str = "float32", device: str = "cpu", key: str = "models.target.path") -> VLMAdapter:
     """Load the model at ``path`` and wrap it in the adapter of its architecture family."""
     from safetensors import SafetensorError
 
-    resolved, model_type, processor = _open(path, key, dtype)
+    resolved, model_type, processor, _ = _open(path, key, dtype)
     model_cls, adapter_cls = _family(model_type)
     try:
         model = model_cls.from_pretrained(resolved, dtype=_DTYPES[dtype]).to(device)
@@ -99,16 +99,31 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
         )
 
 
+def check_same_width(target_width: int, draft_width: int) -> None:
+    """Draft and target must score the same ids (their logits' width) for verification and the protocol.
+
+    Raises:
+        InputError: naming both ``models.<role>.path`` keys.
+    """
+    if target_width != draft_width:
+        raise InputError(
+            f"models.draft.path and models.target.path score different vocabularies ({draft_width} vs "
+            f"{target_width} ids) over the same tokenizer: speculative decoding needs a shared vocabulary"
+        )
+
+
 def check_pair_files(target: ModelConfig, draft: ModelConfig) -> None:
     """Check the pair from its files alone (configs, processors; no weights), so that a bad checkpoint or a pair
-    without a shared tokenizer fails in a second, before a cluster starts or a model loads.
+    without a shared tokenizer or logit width fails in a second, before a cluster starts or a model loads.
 
     Raises:
         InputError: naming the key (``models.target.path``, ``models.draft.path``) and the problem.
     """
-    *_, t = _open(target.path, "models.target.path", target.dtype)
-    *_, d = _open(draft.path, "models.draft.path", draft.dtype)
+    _, t_type, t, t_config = _open(target.path, "models.target.path", target.dtype)
+    _, d_type, d, d_config = _open(draft.path, "models.draft.path", draft.dtype)
     check_same_tokenizer(t.tokenizer, d.tokenizer)
+    check_same_width(_family(t_type)[1].scored_vocab(t_config, t.tokenizer),
+                     _family(d_type)[1].scored_vocab(d_config, d.tokenizer))  # fmt: skip
 
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")

@@ -46,15 +46,20 @@ class MRopeState(DecodeState):
 class Qwen2VLAdapter(FusedPrefill):
     """Wraps a loaded ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
 
+    @staticmethod
+    def scored_vocab(config, tokenizer) -> int:
+        """The width of the logits this adapter returns: the tokenizer's ids, not the LM head's padded width
+        (Qwen2.5-VL-3B: 151,936 rows, 7B: 152,064, one tokenizer of 151,665), so that draft and target agree on it
+        and no text maps to padding."""
+        return min(config.text_config.vocab_size, len(tokenizer))
+
     def __init__(self, model, processor, name: str = "qwen2-vl") -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
         self.image_token_id: int = model.config.image_token_id
-        # The tokenizer's ids, not the LM head's padded width (Qwen2.5-VL-3B: 151,936 rows, 7B: 152,064, one
-        # tokenizer of 151,665): draft and target must agree on the logits' width, and no text maps to padding.
-        self.vocab_size: int = min(model.config.text_config.vocab_size, len(self.tokenizer))
+        self.vocab_size: int = self.scored_vocab(model.config, self.tokenizer)
         eos = eos_id_list(model.generation_config.eos_token_id, self.tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.eos_token_id: int = eos[0]

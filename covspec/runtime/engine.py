@@ -91,15 +91,10 @@ def device_settings(cfg: Config, method: str) -> DeviceSettings:
 
 def check_pair(target: VLMAdapter, draft: VLMAdapter) -> None:
     """Draft and target must share the tokenizer (same vocabulary, same ids) and the width of the ids they score."""
-    from covspec.errors import InputError
-    from covspec.models.loading import check_same_tokenizer
+    from covspec.models.loading import check_same_tokenizer, check_same_width
 
     check_same_tokenizer(target.tokenizer, draft.tokenizer)
-    if target.vocab_size != draft.vocab_size:
-        raise InputError(
-            f"models.draft.path and models.target.path score different vocabularies ({draft.vocab_size} vs "
-            f"{target.vocab_size} ids) over the same tokenizer: speculative decoding needs a shared vocabulary"
-        )
+    check_same_width(target.vocab_size, draft.vocab_size)
 
 
 @dataclass
