@@ -17,7 +17,14 @@ linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning
 
 
 def _thread_cores() -> set[frozenset[int]]:
-    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+    """The core masks of this process's threads (a thread that ends while they are read is skipped)."""
+    masks = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            masks.add(frozenset(os.sched_getaffinity(int(tid))))
+        except ProcessLookupError:
+            continue
+    return masks
 
 
 @linux
