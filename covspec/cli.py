@@ -176,3 +176,16 @@ if __name__ == "__main__":
     from covspec.cli import main as _main
 
     sys.exit(_main())
+
+
+def start_progress(progress) -> None:
+    """Starts a Rich ``progress`` at its first use (not before the work begins), so that an error before it prints
+    its one line only."""
+    if not progress.live.is_started:
+        progress.start()
+
+
+def stop_progress(progress) -> None:
+    """Stops ``progress`` if it started: Rich prints a blank line when a progress that never started is stopped."""
+    if progress.live.is_started:
+        progress.stop()

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 
-from covspec.cli import Subparsers, add_config_arguments, command, config_from_args
+from covspec.cli import Subparsers, add_config_arguments, command, config_from_args, start_progress, stop_progress
 from covspec.config import Config
 from covspec.data import load_benchmark
 from covspec.data.metrics import benchmark_score, exact_match, token_f1
@@ -144,15 +144,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     task = progress.add_task(f"bench ({', '.join(cfg.methods)})", total=cfg.data.limit)
 
     def advance(n: int = 1) -> None:
-        if not progress.live.is_started:  # once the models are loaded: an error before prints its one line only
-            progress.start()
+        start_progress(progress)  # once the models are loaded
         progress.advance(task, n)
 
     try:
         report = run_bench(cfg, out_path, hf_peer=not args.no_hf_assisted, progress=advance, edge=args.edge)
     finally:
-        if progress.live.is_started:  # Rich prints a blank line when a progress that never started is stopped
-            progress.stop()
+        stop_progress(progress)
     print_report(report)
     if out_path is not None:
         print(f"per-request results: {out_path}")

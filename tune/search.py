@@ -326,8 +326,8 @@ def run_search(
     cfg, out = _resolve(cfg, resume, stored_config)
     check_gpus(cfg, "tune")
     dims = parse_space(cfg)
-    if not any(d.key.startswith("models.") for d in dims):  # else each trial checks its own pair (a failed trial)
-        check_pair_files(cfg.models.target, cfg.models.draft)  # not in every trial, after the search has started
+    if not any(d.key.startswith("models.") for d in dims):  # one pair for every trial: check it before the search
+        check_pair_files(cfg.models.target, cfg.models.draft)  # (a searched pair: each trial checks its own)
     space = space_of(cfg)
     tracked = copy.deepcopy(cfg)
     tracked.tracking.enabled = True  # a search is always tracked

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from covspec.cli import Subparsers, add_config_arguments, command, config_from_args
+from covspec.cli import Subparsers, add_config_arguments, command, config_from_args, start_progress, stop_progress
 
 
 @command
@@ -34,8 +34,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     progress = Progress(*columns, console=err)
 
     def factory(method: str, total: int):
-        if not progress.live.is_started:  # started with the first bar: an error before it prints its one line only
-            progress.start()
+        start_progress(progress)  # with the first bar
         task = progress.add_task(method, total=total)
         return lambda: progress.advance(task)
 
@@ -43,19 +42,14 @@ def _run_experiment(args: argparse.Namespace) -> int:
         result = run_experiment(cfg, resume=args.resume, log=lambda m: err.print(m), progress_factory=factory,
                                 on_table=lambda table: print(table, flush=True))  # fmt: skip
     except RunError as exc:
-        _stop(progress)
+        stop_progress(progress)
         print(f"covspec: run failed: {exc} (partial results are kept; --resume continues)", file=sys.stderr)
         return 1
     finally:
-        _stop(progress)
+        stop_progress(progress)
     print(f"run {result['run_id']}: results, table and plots in {result['dir']}"
           + (f"; MLflow run {result['run_id']} at {_uri(cfg)}" if cfg.tracking.enabled else ""))  # fmt: skip
     return 0
-
-
-def _stop(progress) -> None:
-    if progress.live.is_started:  # Rich prints a blank line when a progress that never started is stopped
-        progress.stop()
 
 
 def _uri(cfg) -> str:
